@@ -1,0 +1,195 @@
+"""argparse front ends: tcpmap-server, tcpmap-query (tcpmap-build lives in build.py)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from . import __version__
+from .build import main as build_main
+from .client import LookupFailed, TcpTableClient
+from .config import (
+    DEFAULT_HOST,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PORT,
+    DEFAULT_STOP_TIMEOUT,
+    Address,
+    ConfigError,
+    ServerConfig,
+)
+from .table import Table, TableError
+
+__all__ = ["build_main", "query_main", "server_main"]
+
+
+def _address(text: str) -> Address:
+    try:
+        return Address.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _fold_option(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--fold",
+        dest="fold_keys",
+        action="store_true",
+        default=None,
+        help="lowercase lookup keys even if the table's build record says otherwise",
+    )
+    group.add_argument(
+        "--no-fold",
+        dest="fold_keys",
+        action="store_false",
+        default=None,
+        help="look keys up as sent (for tables built with postmap -f)",
+    )
+
+
+def server_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcpmap-server",
+        description="Answer Postfix tcp_table(5) lookups from an LMDB table.",
+    )
+    parser.add_argument("--db", type=Path, required=True, help="the table, e.g. virtual.lmdb")
+    parser.add_argument(
+        "--listen",
+        type=_address,
+        action="append",
+        metavar="HOST:PORT",
+        help=f"address to listen on, repeatable; [::1]:PORT for IPv6 "
+        f"(default {DEFAULT_HOST}:{DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection idle this long (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="connections served at once; more wait in the listen queue (default %(default)s)",
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=DEFAULT_STOP_TIMEOUT,
+        metavar="SECONDS",
+        help="on SIGTERM, time allowed to answer requests already read (default %(default)s)",
+    )
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow non-loopback addresses (tcp_table has no authentication)",
+    )
+    _fold_option(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def server_main(argv: list[str] | None = None) -> int:
+    args = server_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="tcpmap-server: %(levelname)s: %(message)s",
+    )
+    try:
+        config = ServerConfig(
+            db=args.db,
+            listen=tuple(args.listen or (Address(DEFAULT_HOST, DEFAULT_PORT),)),
+            idle_timeout=args.idle_timeout,
+            max_connections=args.max_connections,
+            stop_timeout=args.stop_timeout,
+            fold_keys=args.fold_keys,
+            allow_remote=args.allow_remote,
+        )
+    except ConfigError as exc:
+        print(f"tcpmap-server: {exc}", file=sys.stderr)
+        return 2
+    from .server import run  # noqa: PLC0415 - only the server pays for importing gevent
+
+    try:
+        return run(config)
+    except OSError as exc:
+        print(f"tcpmap-server: cannot listen: {exc}", file=sys.stderr)
+        return 1
+
+
+def query_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcpmap-query",
+        description="Look keys up like `postmap -q`: through a tcp_table server, or in a file. "
+        "Exit 0 if any key was found, 1 if none, 2 on error.",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "-s",
+        "--server",
+        type=_address,
+        default=Address(DEFAULT_HOST, DEFAULT_PORT),
+        metavar="HOST:PORT",
+        help="tcp_table server (default %(default)s)",
+    )
+    source.add_argument("--db", type=Path, help="look up in this LMDB file directly")
+    _fold_option(parser)
+    parser.add_argument(
+        "keys",
+        nargs="+",
+        metavar="KEY",
+        help="keys to look up; '-' reads one key per line from stdin",
+    )
+    return parser
+
+
+def _keys(arguments: list[str]) -> Iterator[bytes]:
+    for argument in arguments:
+        if argument == "-":
+            for line in sys.stdin.buffer:
+                yield line.rstrip(b"\r\n")
+        else:
+            yield argument.encode("utf-8", "surrogateescape")
+
+
+def query_main(argv: list[str] | None = None) -> int:
+    args = query_parser().parse_args(argv)
+    # Like postmap: one key given prints the value; a list prints KEY<TAB>VALUE.
+    one_key = len(args.keys) == 1 and args.keys[0] != "-"
+    out = sys.stdout.buffer
+    found_any = False
+    try:
+        with _lookup_function(args) as lookup:
+            for key in _keys(args.keys):
+                value = lookup(key)
+                if value is None:
+                    continue
+                found_any = True
+                out.write(value + b"\n" if one_key else key + b"\t" + value + b"\n")
+    except (LookupFailed, TableError, OSError) as exc:
+        out.flush()
+        print(f"tcpmap-query: {exc}", file=sys.stderr)
+        return 2
+    return 0 if found_any else 1
+
+
+@contextlib.contextmanager
+def _lookup_function(args: argparse.Namespace) -> Iterator[Callable[[bytes], bytes | None]]:
+    if args.db is not None:
+        table = Table.open(args.db, fold_keys=args.fold_keys)
+        try:
+            yield table.get
+        finally:
+            table.close()
+    else:
+        with TcpTableClient(args.server) as client:
+            yield client.lookup

@@ -1,0 +1,208 @@
+"""tcp_table(5) codec, sans-io: bytes in, requests out; replies to bytes.
+
+Facts are from postfix-maps.md section 1. Nothing here touches a socket, a
+clock or a logger.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_REPLY = 4096  # tcp_table(5): "no longer than 4096 characters including the newline"
+# Longest request line we buffer, LF included. The longest key LMDB can hold is
+# 510 bytes, at most 3 wire bytes each, so a real lookup line is under 1600
+# bytes; Twisted's LineReceiver allows 16384, and so do we.
+MAX_REQUEST = 16384
+
+# hex_quote() copies a byte literally iff it is not '%', not whitespace and
+# printable ASCII: that is 0x21-0x24 and 0x26-0x7E. Everything else is %XX,
+# upper-case hex.
+_LITERAL = frozenset(range(0x21, 0x7F)) - {0x25}
+_QUOTE_TABLE: tuple[bytes, ...] = tuple(
+    bytes([b]) if b in _LITERAL else b"%%%02X" % b for b in range(256)
+)
+_NEEDS_QUOTING = re.compile(rb"[^\x21-\x24\x26-\x7e]")
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+class ProtocolError(ValueError):
+    """A request the server must answer with 400 (and keeps the connection)."""
+
+
+class LineTooLong(ProtocolError):
+    """A request line over MAX_REQUEST bytes: answer 400, then hang up.
+
+    ``lines`` holds the complete lines that arrived before it, to be answered first.
+    """
+
+    def __init__(self, message: str, lines: list[bytes]) -> None:
+        super().__init__(message)
+        self.lines = lines
+
+
+def quote(data: bytes) -> bytes:
+    """Encode like Postfix's hex_quote(): the exact bytes Postfix would send."""
+    if _NEEDS_QUOTING.search(data) is None:
+        return data
+    return b"".join([_QUOTE_TABLE[b] for b in data])
+
+
+def unquote(data: bytes) -> bytes:
+    """Decode like Postfix's hex_unquote(): '%' must be followed by two hex digits.
+
+    Raises ProtocolError for a malformed escape. Other bytes are copied verbatim.
+    """
+    if b"%" not in data:
+        return data
+    decoded = _PERCENT.sub(lambda m: bytes([int(m.group(1), 16)]), data)
+    # A '%' left after substitution is one no valid escape consumed. Count
+    # instead of re-scanning: every valid escape removes exactly one '%'.
+    if data.count(b"%") != len(_PERCENT.findall(data)):
+        raise ProtocolError("malformed %XX escape")
+    return decoded
+
+
+# --- requests ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    key: bytes  # decoded, not yet folded
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    key: bytes
+    value: bytes
+
+
+Request = Get | Put
+
+
+def parse_request(line: bytes) -> Request:
+    """Parse one request line, without its LF.
+
+    Postfix sends exactly ``get SP hex-quoted-key``. A trailing CR (someone
+    typing into telnet) is dropped: Postfix quotes CR, so it never sends one.
+    """
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    command, _, argument = line.partition(b" ")
+    if command == b"get":
+        if not argument:
+            raise ProtocolError("get requires a key")
+        key = unquote(argument)
+        if b"\x00" in key:
+            raise ProtocolError("key contains NUL")
+        return Get(key)
+    if command == b"put":
+        # Documented in dict_tcp.c but never sent by Postfix; we are read-only.
+        key, _, value = argument.partition(b" ")
+        if not key or not value:
+            raise ProtocolError("put requires a key and a value")
+        return Put(unquote(key), unquote(value))
+    raise ProtocolError("unknown command")
+
+
+class LineBuffer:
+    """Frames a byte stream into LF-terminated lines of at most MAX_REQUEST bytes."""
+
+    __slots__ = ("_buffer", "_limit")
+
+    def __init__(self, limit: int = MAX_REQUEST) -> None:
+        self._buffer = b""
+        self._limit = limit
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return the complete lines, without their LF.
+
+        Raises LineTooLong as soon as a line cannot fit, without buffering
+        more than ``limit`` bytes of it.
+        """
+        buffered = self._buffer + data if self._buffer else data
+        lines = buffered.split(b"\n")
+        self._buffer = lines.pop()
+        # Fast path: if everything buffered is short, every line in it is.
+        if len(buffered) >= self._limit:
+            lines.append(self._buffer)
+            for index, line in enumerate(lines):
+                if len(line) >= self._limit:
+                    self._buffer = b""
+                    message = f"request line longer than {self._limit - 1} bytes"
+                    raise LineTooLong(message, lines[:index])
+            lines.pop()
+        return lines
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete line held back."""
+        return len(self._buffer)
+
+
+# --- replies ----------------------------------------------------------------
+
+
+def reply(code: int, text: bytes) -> bytes:
+    """One reply line: 3-digit code, SP, hex-quoted text, LF."""
+    return b"%d %s\n" % (code, quote(text))
+
+
+def found(value: bytes) -> bytes | None:
+    """The 200 reply for a value, or None if it cannot be sent.
+
+    Postfix rejects a reply longer than MAX_REPLY, and treats an empty value
+    as an error in its daemons (maps_find), so neither is ever sent as 200.
+    """
+    if not value:
+        return None
+    line = reply(200, value)
+    return line if len(line) <= MAX_REPLY else None
+
+
+def fits(value: bytes) -> bool:
+    """Whether a value can be answered with 200 within the reply limit."""
+    return found(value) is not None
+
+
+def temporary(reason: str) -> bytes:
+    """400: Postfix defers the mail and retries later."""
+    return _truncate(reply(400, reason.encode("utf-8", "replace")))
+
+
+def _truncate(line: bytes) -> bytes:
+    if len(line) <= MAX_REPLY:
+        return line
+    cut = line[: MAX_REPLY - 1]
+    # Never cut inside a %XX escape: that would make the reply malformed.
+    tail = cut.rfind(b"%", len(cut) - 2)
+    if tail != -1:
+        cut = cut[:tail]
+    return cut + b"\n"
+
+
+NOT_FOUND = reply(500, b"not found")
+READ_ONLY = reply(500, b"put not supported: table is read-only")
+LINE_TOO_LONG = reply(400, b"request line too long")
+# A value stored by other tools that cannot be sent: the mail must wait, not bounce.
+VALUE_TOO_LONG = reply(400, b"value too long for a tcp_table reply")
+
+
+# --- the client side (tcpmap-query, tests) -------------------------------------
+
+
+def request(key: bytes) -> bytes:
+    """The exact line Postfix's dict_tcp sends: ``get SP hex-quoted-key LF``."""
+    return b"get " + quote(key) + b"\n"
+
+
+def parse_reply(line: bytes) -> tuple[int, bytes]:
+    """Check a reply line (without LF) as Postfix's client does; (code, decoded text).
+
+    Three ASCII digits, one whitespace byte, then text that must hex-decode
+    (postfix-maps.md 1.3). Raises ProtocolError for anything Postfix calls
+    "malformed reply".
+    """
+    if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in b" \t\v\f\r":
+        raise ProtocolError(f"malformed reply: {line[:100]!r}")
+    return int(line[:3]), unquote(line[4:])

@@ -1,0 +1,272 @@
+"""The read side of an LMDB table: open, look up, notice replacement, close.
+
+Tables built by tcpmap-build are published by rename and never written again, so
+they are read lock-free with one long read transaction. Files without our build
+record (made by postmap/postalias) may be rewritten in place by postmap, so
+each lookup takes Postfix's shared fcntl lock around its own transaction
+(lmdb_table(5), postfix-maps.md 4.4).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from .dbformat import MAX_KEY_BYTES, META_KEY, BuildInfo, fold
+
+log = logging.getLogger(__name__)
+
+_WARM_CHUNK = 1 << 20
+
+
+class TableError(Exception):
+    """The table cannot answer: missing, unreadable, corrupt. Maps to 400."""
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """What identifies one version of the file at a path."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Signature:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class Table:
+    """One open LMDB file. Use Table.open()."""
+
+    def __init__(
+        self,
+        path: Path,
+        env: Any,
+        fd: int,
+        *,
+        signature: Signature,
+        info: BuildInfo | None,
+        folded: bool,
+    ) -> None:
+        self.path = path
+        self.signature = signature
+        self.info = info
+        self.folded = folded
+        self.records: int = info.records if info else env.stat()["entries"]
+        self._env = env
+        self._fd = fd
+        # Our own files are immutable: one read transaction serves every lookup.
+        self._txn = env.begin() if info else None
+
+    @classmethod
+    def open(cls, path: Path, *, fold_keys: bool | None = None, warm: bool = False) -> Table:
+        """Open PATH read-only; raises TableError with a reason an admin can act on.
+
+        fold_keys overrides folding; by default it comes from the build record,
+        or is on for files without one (postmap's default).
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise TableError(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            return cls._open_fd(path, fd, fold_keys, warm)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def _open_fd(cls, path: Path, fd: int, fold_keys: bool | None, warm: bool) -> Table:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TableError(f"{path} is not a regular file")
+        if warm:
+            _warm(fd, st.st_size)
+        try:
+            env = lmdb.open(
+                str(path), subdir=False, readonly=True, lock=False, max_dbs=0, max_readers=1
+            )
+        except lmdb.Error as exc:
+            raise TableError(f"{path} is not a readable LMDB file: {_reason(exc)}") from None
+        try:
+            _check_size(path, env, st.st_size)
+            info = _read_info(env)
+        except BaseException:
+            env.close()
+            raise
+        folded = fold_keys if fold_keys is not None else (info.folded if info else True)
+        return cls(path, env, fd, signature=Signature.of(st), info=info, folded=folded)
+
+    def get(self, key: bytes) -> bytes | None:
+        """The value for KEY (folded as the table was built), or None.
+
+        Raises TableError for a stored value Postfix could not use (empty).
+        """
+        if self.folded:
+            key = fold(key)
+        if len(key) > MAX_KEY_BYTES or not key:
+            return None  # longer than any key LMDB can hold
+        try:
+            txn = self._txn
+            value = txn.get(key + b"\x00") if txn is not None else self._get_locked(key)
+        except lmdb.Error as exc:
+            raise TableError(f"{self.path}: lookup failed: {_reason(exc)}") from None
+        if value is None:
+            return None
+        # Postfix copies the value up to the first NUL (vstring_strncpy).
+        value = value.partition(b"\x00")[0]
+        if not value:
+            raise TableError(f"{self.path}: empty value stored for this key")
+        return bytes(value)
+
+    def _get_locked(self, key: bytes) -> bytes | None:
+        # Postfix writes key+NUL by default; postmap -n writes bare keys. Try
+        # both, in Postfix's order (dict_lmdb.c).
+        fcntl.lockf(self._fd, fcntl.LOCK_SH)
+        try:
+            with self._env.begin() as txn:
+                value: bytes | None = None
+                if len(key) < MAX_KEY_BYTES:
+                    value = txn.get(key + b"\x00")
+                if value is None:
+                    value = txn.get(key)
+                return value
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def describe(self) -> str:
+        syntax = f"{self.info.syntax} syntax" if self.info else "built by Postfix"
+        folding = "folded" if self.folded else "case-sensitive"
+        return f"{self.path}: {self.records} records ({syntax}, {folding})"
+
+    def close(self) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+        self._env.close()
+        os.close(self._fd)
+
+
+def _warm(fd: int, size: int) -> None:
+    """Read the file once so lookups never stall the hub on a page fault."""
+    buffer = bytearray(_WARM_CHUNK)
+    offset = 0
+    while offset < size:
+        got = os.preadv(fd, [buffer], offset)
+        if got <= 0:
+            break
+        offset += got
+
+
+def _check_size(path: Path, env: Any, size: int) -> None:
+    # A truncated file would map pages past its end: touching them is SIGBUS.
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    if needed > size:
+        raise TableError(f"{path} is truncated: {size} bytes, its pages need {needed}")
+
+
+def _read_info(env: Any) -> BuildInfo | None:
+    with env.begin() as txn:
+        raw = txn.get(META_KEY)
+    if raw is None:
+        return None
+    try:
+        return BuildInfo.decode(bytes(raw))
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring an unreadable build record in the table")
+        return None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class LiveTable:
+    """The table at a path, reopened whenever the file there changes.
+
+    Every lookup stats the path first (about a microsecond), so a table
+    published by rename is served from the very next lookup. While the file is
+    missing or bad, lookups raise TableError; a good file is picked up by itself.
+    """
+
+    def __init__(self, path: Path, *, fold_keys: bool | None = None, warm: bool = True) -> None:
+        self.path = path
+        self._fold_keys = fold_keys
+        self._warm = warm
+        self._table: Table | None = None
+        self._seen: Signature | None = None  # what we last tried to open
+        self._error = f"{path} has not been opened yet"
+
+    @property
+    def table(self) -> Table | None:
+        return self._table
+
+    @property
+    def error(self) -> str | None:
+        return None if self._table else self._error
+
+    def lookup(self, key: bytes) -> bytes | None:
+        self.refresh()
+        if self._table is None:
+            raise TableError(self._error)
+        return self._table.get(key)
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Reopen if the file at the path is not the one we hold (or if forced)."""
+        try:
+            current = Signature.of(os.stat(self.path))
+        except OSError as exc:
+            missing = exc.errno == errno.ENOENT
+            reason = f"{self.path} is missing" if missing else f"{self.path}: {exc.strerror}"
+            if self._table is not None or self._error != reason:
+                self._drop(reason)
+            self._seen = None
+            return
+        if current == self._seen and not force:
+            return
+        self._seen = current
+        self._reopen(current)
+
+    def _reopen(self, current: Signature) -> None:
+        old = self._table
+        # lmdb 3 refuses a second open of the same inode: close first then.
+        if old is not None and old.signature.ino == current.ino:
+            old.close()
+            old = self._table = None
+        try:
+            new = Table.open(self.path, fold_keys=self._fold_keys, warm=self._warm)
+        except TableError as exc:
+            self._drop(str(exc))  # closes the old table too
+            return
+        self._table = new
+        # Record what we opened, not what we statted: if the file moved again
+        # in between, the next lookup sees the difference and reopens.
+        self._seen = new.signature
+        if old is not None:
+            old.close()
+        log.info("opened %s", new.describe())
+
+    def _drop(self, reason: str) -> None:
+        if self._table is not None:
+            self._table.close()
+            self._table = None
+        if reason != self._error:
+            log.warning("table unavailable: %s", reason)
+        self._error = reason
+
+    def close(self) -> None:
+        if self._table is not None:
+            self._table.close()
+            self._table = None
