@@ -16,7 +16,8 @@ from gevent.server import StreamServer
 
 from . import protocol
 from .config import Address, ServerConfig
-from .table import LiveTable, TableError
+from .responder import Responder
+from .table import LiveTable
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Server:
     ) -> None:
         self._config = config
         self._table = table
+        self._responder = Responder(table.lookup)
         self._pool = gevent.pool.Pool(config.max_connections)
         self._servers = [StreamServer(s, self._handle, spawn=self._pool) for s in listeners]
         self._idle: set[gevent.Greenlet[..., None]] = set()
@@ -148,26 +150,7 @@ class Server:
 
     def _answer(self, lines: list[bytes]) -> bytes:
         self.lookups += len(lines)
-        return b"".join([self._answer_line(line) for line in lines])
-
-    def _answer_line(self, line: bytes) -> bytes:
-        try:
-            request = protocol.parse_request(line)
-        except protocol.ProtocolError as exc:
-            return protocol.temporary(str(exc))
-        if isinstance(request, protocol.Put):
-            return protocol.READ_ONLY
-        try:
-            value = self._table.lookup(request.key)
-        except TableError as exc:
-            return protocol.temporary(str(exc))
-        except Exception:
-            # An internal fault must defer the mail (400), never bounce it (500).
-            log.exception("lookup failed")
-            return protocol.temporary("internal error, see the server log")
-        if value is None:
-            return protocol.NOT_FOUND
-        return protocol.found(value) or protocol.VALUE_TOO_LONG
+        return self._responder.answer_all(lines)
 
 
 def _read_pending(sock: gevent.socket.socket) -> bytes:

@@ -1,0 +1,39 @@
+#!/bin/sh
+# Install the Debian/Ubuntu packages a target needs, only those missing.
+#   venv: what building systemd-python in .venv needs
+#   test: venv's, plus Postfix's own tools (the real client in the tests)
+set -eu
+
+venv_pkgs="python3-venv python3-dev gcc pkg-config libsystemd-dev"
+test_pkgs="$venv_pkgs postfix postfix-lmdb"
+
+case "${1:-}" in
+    venv) wanted=$venv_pkgs ;;
+    test) wanted=$test_pkgs ;;
+    *) echo "usage: $0 venv|test" >&2; exit 2 ;;
+esac
+
+if ! command -v dpkg-query >/dev/null 2>&1; then
+    echo "system-deps: not a Debian/Ubuntu system; install by hand: $wanted" >&2
+    exit 0
+fi
+
+missing=""
+for pkg in $wanted; do
+    status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+    [ "$status" = installed ] || missing="$missing $pkg"
+done
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "system-deps: missing packages:$missing" >&2
+    echo "system-deps: run as root, or: sudo apt-get install$missing" >&2
+    exit 1
+fi
+
+echo "system-deps: installing$missing"
+export DEBIAN_FRONTEND=noninteractive
+# Postfix is only a client in the tests: install it without configuring mail.
+echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+apt-get update -q
+apt-get install -y -q --no-install-recommends $missing
