@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,8 +62,8 @@ def server_parser() -> argparse.ArgumentParser:
         type=_address,
         action="append",
         metavar="HOST:PORT",
-        help=f"address to listen on, repeatable; [::1]:PORT for IPv6 "
-        f"(default {DEFAULT_HOST}:{DEFAULT_PORT})",
+        help=f"address to listen on, repeatable; [::1]:PORT for IPv6 (default: the sockets "
+        f"systemd passes, else {DEFAULT_HOST}:{DEFAULT_PORT})",
     )
     parser.add_argument(
         "--idle-timeout",
@@ -100,14 +99,13 @@ def server_parser() -> argparse.ArgumentParser:
 
 def server_main(argv: list[str] | None = None) -> int:
     args = server_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="tcpmap-server: %(levelname)s: %(message)s",
-    )
+    from .systemd import setup_logging  # noqa: PLC0415
+
+    setup_logging(args.verbose)
     try:
         config = ServerConfig(
             db=args.db,
-            listen=tuple(args.listen or (Address(DEFAULT_HOST, DEFAULT_PORT),)),
+            listen=tuple(args.listen or ()),
             idle_timeout=args.idle_timeout,
             max_connections=args.max_connections,
             stop_timeout=args.stop_timeout,
@@ -117,7 +115,8 @@ def server_main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tcpmap-server: {exc}", file=sys.stderr)
         return 2
-    from .server import run  # noqa: PLC0415 - only the server pays for importing gevent
+    # Only the server pays for importing gevent and systemd-python.
+    from .server import run  # noqa: PLC0415
 
     try:
         return run(config)

@@ -64,10 +64,14 @@ def _port(text: str, whole: str) -> int:
     return int(text)
 
 
+DEFAULT_LISTEN = Address(DEFAULT_HOST, DEFAULT_PORT)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     db: Path
-    listen: tuple[Address, ...] = (Address(DEFAULT_HOST, DEFAULT_PORT),)
+    # Empty: the sockets systemd passes, or DEFAULT_LISTEN when there are none.
+    listen: tuple[Address, ...] = ()
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     stop_timeout: float = DEFAULT_STOP_TIMEOUT

@@ -6,7 +6,7 @@ import logging
 import resource
 import signal
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import gevent
 import gevent.event
@@ -15,14 +15,16 @@ import gevent.socket
 from gevent.server import StreamServer
 
 from . import protocol
-from .config import Address, ServerConfig
+from .config import DEFAULT_LISTEN, Address, ServerConfig
 from .responder import Responder
+from .systemd import Notifier, inherited_listeners
 from .table import LiveTable
 
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 65536
 LISTEN_BACKLOG = 1024  # bursts of Postfix processes connecting at once
+STATUS_INTERVAL = 5.0  # seconds between STATUS= updates to systemd
 
 
 class _Stopping(Exception):
@@ -84,8 +86,9 @@ class Server:
         """Safe from a signal handler: the main greenlet does the work."""
         self._stop_requested.set()
 
-    def serve_until_stopped(self) -> None:
+    def serve_until_stopped(self, before_stop: Callable[[], None] = lambda: None) -> None:
         self._stop_requested.wait()
+        before_stop()
         self.stop()
 
     def stop(self) -> None:
@@ -180,33 +183,76 @@ def _format_sockname(name: object) -> str:
 
 def _raise_fd_limit(connections: int) -> None:
     """Each connection is a file descriptor; systemd's default soft limit is 1024."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = connections + 64
-    if soft != resource.RLIM_INFINITY and soft < wanted:
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or soft >= wanted:
+            return
         new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        if new < wanted:
-            log.warning("file limit %d is below --max-connections %d", new, connections)
+    except (OSError, ValueError) as exc:  # a seccomp filter may forbid setrlimit
+        log.warning("cannot raise the open file limit: %s (set LimitNOFILE=)", exc)
+        return
+    if new < wanted:
+        log.warning("open file limit %d is below --max-connections %d", new, connections)
 
 
-def run(config: ServerConfig, listeners: list[gevent.socket.socket] | None = None) -> int:
+def run(config: ServerConfig) -> int:
     """Open the table, listen, serve until SIGTERM/SIGINT; SIGHUP re-opens the table."""
+    notifier = Notifier()
     table = LiveTable(config.db, fold_keys=config.fold_keys, warm=True)
-    table.refresh()
-    if listeners is None:
-        listeners = [bind(address) for address in config.listen]
-    server = Server(config, table, listeners)
+    table.refresh()  # open and warm before READY: a cold first lookup stalls the hub
+    server = Server(config, table, _listeners(config))
     gevent.signal_handler(signal.SIGTERM, server.request_stop)
     gevent.signal_handler(signal.SIGINT, server.request_stop)
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(_reload, table))
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(_reload, server, table, notifier))
     server.start()
+    notifier.ready(_status(server, table))
+    helpers: list[gevent.Greenlet[..., None]] = []
+    if notifier.enabled:
+        helpers.append(gevent.spawn(_report_status, server, table, notifier))
+    if notifier.watchdog_interval:
+        helpers.append(gevent.spawn(_watchdog, notifier, notifier.watchdog_interval))
     try:
-        server.serve_until_stopped()
+        server.serve_until_stopped(before_stop=notifier.stopping)
     finally:
+        gevent.killall(helpers)
         table.close()
     return 0
 
 
-def _reload(table: LiveTable) -> None:
+def _listeners(config: ServerConfig) -> list[gevent.socket.socket]:
+    inherited = inherited_listeners()
+    if not inherited:
+        return [bind(address) for address in config.listen or (DEFAULT_LISTEN,)]
+    if config.listen:
+        log.warning("serving the sockets systemd passed; --listen is ignored")
+    for listener in inherited:
+        log.info("inherited socket %r from systemd", listener.name)
+    return [listener.sock for listener in inherited]
+
+
+def _status(server: Server, table: LiveTable) -> str:
+    current = table.table
+    serving = f"serving {current.describe()}" if current else f"table unavailable: {table.error}"
+    return f"{serving}; {server.connections} connections; {server.lookups} lookups"
+
+
+def _report_status(server: Server, table: LiveTable, notifier: Notifier) -> None:
+    while True:
+        gevent.sleep(STATUS_INTERVAL)
+        notifier.status(_status(server, table))
+
+
+def _watchdog(notifier: Notifier, interval: float) -> None:
+    # Runs on the hub like every request: a missed ping means the hub is stuck.
+    while True:
+        notifier.watchdog()
+        gevent.sleep(interval)
+
+
+def _reload(server: Server, table: LiveTable, notifier: Notifier) -> None:
     log.info("SIGHUP: re-opening %s", table.path)
+    notifier.reloading()
     table.refresh(force=True)
+    notifier.ready(_status(server, table))
