@@ -127,12 +127,12 @@ class Server:
                 finally:
                     timer.cancel()
                     self._idle.discard(current)
-                if not data or not self._serve(sock, buffer, data):
+                if not data or not self._serve(sock, address, buffer, data):
                     return
             # Shutting down: answer requests that already arrived, then close.
             pending = _read_pending(sock)
             if pending:
-                self._serve(sock, buffer, pending)
+                self._serve(sock, address, buffer, pending)
         except OSError as exc:
             log.debug("%s: %s", _peer(address), exc)
         except _Stopping:
@@ -140,11 +140,15 @@ class Server:
         finally:
             self.connections -= 1
 
-    def _serve(self, sock: gevent.socket.socket, buffer: protocol.LineBuffer, data: bytes) -> bool:
+    def _serve(
+        self, sock: gevent.socket.socket, address: object, buffer: protocol.LineBuffer, data: bytes
+    ) -> bool:
         """Answer every complete line in DATA; False when the connection must close."""
         try:
             lines = buffer.feed(data)
         except protocol.LineTooLong as exc:
+            peer = _peer(address)
+            log.warning("%s: %s, closing the connection", peer, exc, extra={"CLIENT": peer})
             sock.sendall(self._answer(exc.lines) + protocol.LINE_TOO_LONG)
             return False
         if lines:

@@ -256,14 +256,14 @@ class LiveTable:
         self._seen = new.signature
         if old is not None:
             old.close()
-        log.info("opened %s", new.describe())
+        log.info("opened %s", new.describe(), extra={"TABLE": str(self.path)})
 
     def _drop(self, reason: str) -> None:
         if self._table is not None:
             self._table.close()
             self._table = None
         if reason != self._error:
-            log.warning("table unavailable: %s", reason)
+            log.warning("table unavailable: %s", reason, extra={"TABLE": str(self.path)})
         self._error = reason
 
     def close(self) -> None:
