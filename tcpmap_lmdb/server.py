@@ -113,22 +113,26 @@ class Server:
         assert isinstance(current, gevent.Greenlet)  # StreamServer spawns one per connection
         try:
             while not self._stopping:
-                self._idle.add(current)
+                # One timer covers reading a request and writing its reply: an idle
+                # client and one that stops reading its replies are both cut off.
                 timer.start()
                 try:
-                    data = sock.recv(RECV_SIZE)
+                    self._idle.add(current)
+                    try:
+                        data = sock.recv(RECV_SIZE)
+                    except _Stopping:
+                        data = _read_pending(sock)
+                    finally:
+                        self._idle.discard(current)
+                    if not data or not self._serve(sock, address, buffer, data):
+                        return
                 except gevent.Timeout as exc:
                     if exc is not timer:
                         raise
                     log.debug("%s: idle for %ss, closing", _peer(address), timer.seconds)
                     return
-                except _Stopping:
-                    data = _read_pending(sock)
                 finally:
                     timer.cancel()
-                    self._idle.discard(current)
-                if not data or not self._serve(sock, address, buffer, data):
-                    return
             # Shutting down: answer requests that already arrived, then close.
             pending = _read_pending(sock)
             if pending:
