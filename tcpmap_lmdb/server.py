@@ -108,13 +108,16 @@ class Server:
     def _handle(self, sock: gevent.socket.socket, address: object) -> None:
         self.connections += 1
         buffer = protocol.LineBuffer()
-        timer = gevent.Timeout(self._config.idle_timeout)
+        idle_timeout = self._config.idle_timeout
         current = gevent.getcurrent()
         assert isinstance(current, gevent.Greenlet)  # StreamServer spawns one per connection
         try:
             while not self._stopping:
                 # One timer covers reading a request and writing its reply: an idle
                 # client and one that stops reading its replies are both cut off.
+                # A new one each time: a cancelled gevent.Timeout that is started
+                # again only runs for what was left of its time (libev semantics).
+                timer = gevent.Timeout(idle_timeout)
                 timer.start()
                 try:
                     self._idle.add(current)
@@ -132,7 +135,7 @@ class Server:
                     log.debug("%s: idle for %ss, closing", _peer(address), timer.seconds)
                     return
                 finally:
-                    timer.cancel()
+                    timer.close()
             # Shutting down: answer requests that already arrived, then close.
             pending = _read_pending(sock)
             if pending:
