@@ -1,0 +1,358 @@
+"""tcpmap-build: turn a postmap(1) or aliases(5) source into a Postfix-compatible LMDB table.
+
+Everything is parsed and checked first; a single bad line means nothing is
+written. The table is then written to a temporary file beside the target and
+renamed onto it, so readers see either the old table or the complete new one
+(design.md decision 5), never a partial file, even after a crash or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import stat
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import islice
+from pathlib import Path
+from typing import Literal
+
+import lmdb
+
+from tcpmap_lmdb import protocol, sources
+from tcpmap_lmdb.dbformat import (
+    MAX_KEY_BYTES,
+    META_KEY,
+    BuildInfo,
+    fold,
+    stored_key,
+    stored_value,
+)
+
+PROG = "tcpmap-build"
+MAX_REPORTED_ERRORS = 100  # print this many bad lines, then only count them
+# The file grows only as pages are written (never writemap=True), so a generous
+# map costs nothing; doubling covers what the estimate misses (overflow pages).
+_MIN_MAP_SIZE = 1 << 20
+_MAX_MAP_SIZE = 1 << 40
+_RECORD_OVERHEAD = 64  # node header, page pointer, page headers, with margin
+# Records per write transaction. LMDB refuses a transaction that dirties more
+# than 128k pages (MDB_TXN_FULL), and keeps them all in memory until commit; a
+# record takes at most 3 (a leaf share plus 2 overflow pages for a 4 KB value).
+BATCH = 20_000
+_CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# Each value byte quotes to at most 3 ("%XX"): shorter values always fit a reply.
+_ALWAYS_FITS = (protocol.MAX_REPLY - len(b"200 \n")) // 3
+
+Duplicates = Literal["warn", "first", "last"]
+
+
+@dataclass
+class Loaded:
+    """Checked records in stored (NUL-terminated) form, and how many lines were bad."""
+
+    records: dict[bytes, bytes] = field(default_factory=dict)
+    first_line: dict[bytes, int] = field(default_factory=dict)  # kept only to warn
+    errors: int = 0
+
+
+def check_entry(key: bytes, value: bytes) -> str | None:
+    """Why Postfix could not use this (already folded) entry, or None if it can."""
+    if not key:
+        return "empty key"  # postalias accepts '"": x'; no lookup can find it
+    if len(stored_key(key)) > MAX_KEY_BYTES:
+        return f"key too long: {len(key)} bytes, the LMDB limit is {MAX_KEY_BYTES - 1}"
+    if not value:
+        return "empty value"  # Postfix daemons treat an empty lookup result as an error
+    if len(value) > _ALWAYS_FITS and not protocol.fits(value):
+        return f"value too long: its tcp_table reply would exceed {protocol.MAX_REPLY} bytes"
+    return None
+
+
+def load(
+    items: Iterable[sources.Entry | sources.Problem],
+    name: str,
+    *,
+    fold_keys: bool = True,
+    duplicates: Duplicates = "warn",
+) -> Loaded:
+    """Fold, check and de-duplicate entries; report problems on stderr as NAME:LINE: reason."""
+    table = Loaded()
+    for item in items:
+        if isinstance(item, sources.Problem):
+            if item.fatal:
+                _error(table, name, item.lineno, item.reason)
+            else:
+                _report(name, item.lineno, item.reason)
+            continue
+        key = fold(item.key) if fold_keys else item.key
+        reason = check_entry(key, item.value)
+        if reason is not None:
+            _error(table, name, item.lineno, reason)
+            continue
+        skey = stored_key(key)
+        if skey not in table.records:
+            table.records[skey] = stored_value(item.value)
+            if duplicates == "warn":
+                table.first_line[skey] = item.lineno
+        elif duplicates == "last":
+            table.records[skey] = stored_value(item.value)
+        elif duplicates == "warn":
+            shown = key.decode("utf-8", "backslashreplace")
+            first = table.first_line[skey]
+            message = f'duplicate key "{shown}" (first at line {first}): keeping the first'
+            _report(name, item.lineno, message)
+    return table
+
+
+def _report(name: str, lineno: int, message: str) -> None:
+    print(f"{name}:{lineno}: {message}", file=sys.stderr)
+
+
+def _error(table: Loaded, name: str, lineno: int, reason: str) -> None:
+    table.errors += 1
+    if table.errors <= MAX_REPORTED_ERRORS:
+        _report(name, lineno, reason)
+
+
+# --- writing ----------------------------------------------------------------
+
+
+def write_table(
+    target: Path, records: dict[bytes, bytes], info: BuildInfo, *, map_size: int | None = None
+) -> None:
+    """Atomically replace target with an LMDB file holding records and info.
+
+    On any failure, KeyboardInterrupt included, the previous target is left as
+    it was and the temporary file is removed. map_size is the initial LMDB map
+    size (default: estimated from the records); it doubles whenever it is full.
+    """
+    mode = _publish_mode(target)
+    # Named before it exists: a Ctrl-C landing while it is being created still
+    # finds it to remove (with mkstemp the name would only be known afterwards).
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    fd, ours, published = -1, True, False
+    try:
+        try:
+            fd = os.open(tmp, _CREATE_FLAGS, 0o600)
+        except FileExistsError:
+            ours = False  # someone else's file, however unlikely: leave it alone
+            raise
+        _write_lmdb(tmp, records, info.encode(), map_size or _estimate_map_size(records))
+        os.fsync(fd)
+        os.fchmod(fd, mode)  # created 0600; the server user must be able to read it
+        os.replace(tmp, target)
+        published = True
+        _fsync_directory(target.parent)  # make the rename itself durable
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if ours and not published:
+            tmp.unlink(missing_ok=True)
+
+
+def _publish_mode(target: Path) -> int:
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0o022)  # reading the umask means setting it: restore at once
+        os.umask(umask)
+        return 0o644 & ~umask
+
+
+def _estimate_map_size(records: dict[bytes, bytes]) -> int:
+    payload = sum(len(k) + len(v) for k, v in records.items())
+    return max(_MIN_MAP_SIZE, 2 * (payload + _RECORD_OVERHEAD * len(records)))
+
+
+def _write_lmdb(path: Path, records: dict[bytes, bytes], meta: bytes, map_size: int) -> None:
+    # Postfix's own layout (postfix-maps.md 4.1): one file, no lock file.
+    env = lmdb.open(
+        str(path), subdir=False, lock=False, map_size=map_size, sync=False, metasync=False
+    )
+    try:
+        items = _in_key_order(records, meta)
+        while batch := list(islice(items, BATCH)):
+            _append(env, batch)
+        env.sync(True)
+    finally:
+        env.close()
+
+
+def _append(env: lmdb.Environment, batch: list[tuple[bytes, bytes]]) -> None:
+    """Store a batch of records, in key order, in one transaction.
+
+    Append mode is fast and packs pages full, but silently skips a key that is
+    not greater than the one before it: every record must count as added.
+    """
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                _, added = txn.cursor().putmulti(batch, append=True)
+                if added != len(batch):
+                    raise RuntimeError(f"LMDB added {added} of {len(batch)} records: keys unsorted")
+            return
+        except lmdb.MapFullError:
+            # The transaction was aborted; grow the map as Postfix does, and redo it.
+            map_size = env.info()["map_size"]
+            if map_size >= _MAX_MAP_SIZE:
+                raise
+            env.set_mapsize(map_size * 2)
+
+
+def _in_key_order(records: dict[bytes, bytes], meta: bytes) -> Iterator[tuple[bytes, bytes]]:
+    # META_KEY starts with NUL; every other key is non-empty and NUL-free: it sorts first.
+    yield META_KEY, meta
+    for key in sorted(records):
+        yield key, records[key]
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- command line -------------------------------------------------------------
+
+
+def _arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Build a Postfix-compatible LMDB table (FILE.lmdb) from a postmap "
+        "or aliases source file, atomically.",
+    )
+    parser.add_argument("file", metavar="FILE", help="source file, or - for stdin")
+    parser.add_argument("-o", "--output", metavar="PATH", help="output file (default FILE.lmdb)")
+    parser.add_argument(
+        "--format",
+        choices=("auto", "postmap", "aliases"),
+        default="auto",
+        help="source syntax (default: auto, detected from the first entry)",
+    )
+    parser.add_argument(
+        "-f", dest="fold", action="store_false", help="do not fold keys to lowercase (postmap -f)"
+    )
+    # Without -r or -w a duplicate key is reported and its first value kept (like postmap).
+    dups = parser.add_mutually_exclusive_group()
+    dups.add_argument(
+        "-r",
+        dest="duplicates",
+        action="store_const",
+        const="last",
+        help="duplicate keys: the last value wins, silently (postmap -r)",
+    )
+    dups.add_argument(
+        "-w",
+        dest="duplicates",
+        action="store_const",
+        const="first",
+        help="duplicate keys: the first value wins, silently (postmap -w)",
+    )
+    parser.add_argument("--check", action="store_true", help="validate only, write nothing")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    parser.set_defaults(duplicates="warn")
+    return parser
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _arg_parser()
+    args = parser.parse_args(argv)
+    if args.file == "-" and args.output is None and not args.check:
+        parser.error("reading stdin (FILE is -) needs -o PATH")
+    return args
+
+
+class _Failed(Exception):
+    """The build cannot go on; the message is "PATH: reason"."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run tcpmap-build; the exit status: 0 built, 1 bad input or I/O error, 2 usage."""
+    try:
+        args = _parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage or help
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return _build(args)
+    except _Failed as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # The table is the old one or, if the rename was already done, the new one.
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _build(args: argparse.Namespace) -> int:
+    name = "stdin" if args.file == "-" else args.file
+    target = Path(args.output if args.output is not None else args.file + ".lmdb")
+    if not target.name:  # "/" or "."
+        raise _Failed(f"{target}: not a file name")
+    if not args.check and name != "stdin" and _same_file(args.file, target):
+        raise _Failed(f"{target}: is the source file; refusing to overwrite it")
+    syntax, table = _read(args, name)
+    if table.errors:
+        hidden = table.errors - MAX_REPORTED_ERRORS
+        more = f" ({hidden} not shown)" if hidden > 0 else ""
+        lines = "line" if table.errors == 1 else "lines"
+        print(f"{PROG}: {name}: {table.errors} bad {lines}{more}; nothing written", file=sys.stderr)
+        return 1
+    how = f"{syntax} syntax, {'folded' if args.fold else 'not folded'}"
+    if args.check:
+        done = f"{name}: {len(table.records)} records OK ({how})"
+    else:
+        info = BuildInfo(
+            folded=args.fold,
+            syntax=syntax,
+            records=len(table.records),
+            source="stdin" if name == "stdin" else os.path.abspath(args.file),
+            built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        _publish(target, table.records, info)
+        done = f"wrote {len(table.records)} records to {target} ({how})"
+    if not args.quiet:
+        print(f"{PROG}: {done}", file=sys.stderr)
+    return 0
+
+
+def _read(args: argparse.Namespace, name: str) -> tuple[sources.Syntax, Loaded]:
+    try:
+        if args.file == "-":
+            return _load(sys.stdin.buffer, args, name)
+        with open(args.file, "rb") as stream:
+            return _load(stream, args, name)
+    except OSError as exc:
+        raise _Failed(f"{args.file}: {exc.strerror or exc}") from exc
+
+
+def _load(
+    lines: Iterable[bytes], args: argparse.Namespace, name: str
+) -> tuple[sources.Syntax, Loaded]:
+    syntax, items = sources.parse(lines, args.format)
+    return syntax, load(items, name, fold_keys=args.fold, duplicates=args.duplicates)
+
+
+def _publish(target: Path, records: dict[bytes, bytes], info: BuildInfo) -> None:
+    try:
+        write_table(target, records, info)
+    except OSError as exc:
+        raise _Failed(f"{target}: {exc.strerror or exc}") from exc
+    except lmdb.Error as exc:  # e.g. "mdb_txn_commit: No space left on device"
+        raise _Failed(f"{target}: {exc}") from exc
+
+
+def _same_file(source: str, target: Path) -> bool:
+    try:
+        return os.path.samefile(source, target)
+    except OSError:
+        return False  # one of them does not exist (yet)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
