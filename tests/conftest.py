@@ -1,0 +1,345 @@
+"""Shared test fixtures: real LMDB tables in tmp dirs, a real server on loopback, raw sockets.
+
+Nothing here mocks what the project owns: tables are written with python-lmdb
+in Postfix's format (postfix-maps.md 4), the server is the real program in a
+subprocess, and clients are plain stdlib sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+import lmdb
+import pytest
+
+from tcpmap_lmdb import dbformat, protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 15.0  # a cold interpreter importing gevent, on a loaded CI box
+STOP_TIMEOUT = 15.0
+REPLY_TIMEOUT = 5.0
+
+# --- tables -----------------------------------------------------------------
+
+Entries = Mapping[str, str] | Mapping[bytes, bytes]
+
+
+def _bytes(text: str | bytes) -> bytes:
+    return text.encode("utf-8") if isinstance(text, str) else text
+
+
+def make_table(path: Path, entries: Entries, *, folded: bool = True, info: bool = True) -> Path:
+    """Publish a Postfix-format LMDB table at PATH, atomically, as tcpmap-build would.
+
+    Keys are folded (unless folded=False) and stored with one trailing NUL,
+    values with one trailing NUL; info=True adds our build record. The file is
+    written beside PATH and renamed into place, so a server never sees it half done.
+    """
+    records = {}
+    for key, value in entries.items():
+        raw = _bytes(key)
+        records[dbformat.stored_key(dbformat.fold(raw) if folded else raw)] = dbformat.stored_value(
+            _bytes(value)
+        )
+    if info:
+        build = dbformat.BuildInfo(
+            folded=folded,
+            syntax="postmap",
+            records=len(entries),
+            source=str(path.with_suffix("")),
+            built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        records[dbformat.META_KEY] = build.encode()
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        env = lmdb.open(temp, subdir=False, lock=False, map_size=1 << 26)
+        try:
+            with env.begin(write=True) as txn:
+                cursor = txn.cursor()
+                cursor.putmulti(sorted(records.items()), append=True)
+            env.sync(True)
+        finally:
+            env.close()
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class MakeTable(Protocol):
+    def __call__(
+        self, path: Path, entries: Entries, *, folded: bool = True, info: bool = True
+    ) -> Path: ...
+
+
+@pytest.fixture(name="make_table")
+def make_table_fixture() -> MakeTable:
+    """make_table(path, entries, *, folded=True, info=True) -> path."""
+    return make_table
+
+
+# --- replies and raw sockets --------------------------------------------------
+
+
+def check_reply(line: bytes) -> tuple[int, bytes]:
+    """Assert LINE (LF included) is a reply Postfix's client accepts; (code, decoded text).
+
+    tcp_table(5) and postfix-maps.md 1.3: 3 digits, one SP, text that
+    hex-decodes, LF; at most 4096 bytes; never CR; never 200 with an empty value.
+    """
+    assert line.endswith(b"\n"), f"reply not LF-terminated: {line[:100]!r}"
+    assert len(line) <= protocol.MAX_REPLY, f"reply of {len(line)} bytes: {line[:100]!r}"
+    assert b"\r" not in line, f"reply contains CR: {line[:100]!r}"
+    assert line.count(b"\n") == 1, f"reply contains an inner LF: {line[:100]!r}"
+    assert re.fullmatch(rb"[245]\d\d ", line[:4]), f"bad status or separator: {line[:100]!r}"
+    text = line[4:-1]
+    decoded = protocol.unquote(text)  # raises ProtocolError: Postfix says "malformed reply"
+    code = int(line[:3])
+    if code // 100 == 2:
+        assert decoded.partition(b"\x00")[0], f"200 with an empty value: {line[:100]!r}"
+    return code, decoded
+
+
+class Conn:
+    """One client connection on loopback; every reply read is checked by check_reply."""
+
+    def __init__(self, port: int, *, host: str = "127.0.0.1", timeout: float = REPLY_TIMEOUT):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        # Requests go out when we send them, so the split tests split for real.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_line(self, timeout: float = REPLY_TIMEOUT) -> bytes:
+        """The next reply line, LF included; fails on EOF, timeout or an over-long line."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            assert len(self._buffer) < protocol.MAX_REPLY, f"no LF in {len(self._buffer)} bytes"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no reply within {timeout}s; have {self._buffer[:100]!r}")
+            self.sock.settimeout(remaining)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"server closed the connection; have {self._buffer[:100]!r}")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        check_reply(line + b"\n")
+        return line + b"\n"
+
+    def exchange(self, data: bytes) -> bytes:
+        """Send DATA, read exactly one reply line, and check nothing else came with it."""
+        self.send(data)
+        line = self.read_line()
+        assert self._buffer == b"", f"more than one reply: {line!r} then {self._buffer!r}"
+        return line
+
+    def ask(self, key: bytes | str) -> tuple[int, bytes]:
+        """Look KEY up as Postfix does (hex-quoted get); (code, decoded text)."""
+        return check_reply(self.exchange(protocol.request(_bytes(key))))
+
+    def read_eof(self, timeout: float = REPLY_TIMEOUT) -> None:
+        """Wait until the server closes the connection; nothing may arrive before."""
+        assert self._buffer == b"", f"unread data: {self._buffer!r}"
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(65536)
+        assert data == b"", f"expected EOF, got {data[:100]!r}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Conn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- the server -----------------------------------------------------------------
+
+# Runs the real CLI. tcpmap_lmdb.cli imports tcpmap_lmdb.build, which is written
+# in parallel; until it exists, stand in an empty module so the server can start.
+_LAUNCHER = """\
+import importlib.util, sys, types
+if importlib.util.find_spec("tcpmap_lmdb.build") is None:
+    stub = types.ModuleType("tcpmap_lmdb.build")
+    stub.main = lambda argv=None: 2
+    sys.modules["tcpmap_lmdb.build"] = stub
+from tcpmap_lmdb.cli import server_main
+raise SystemExit(server_main())
+"""
+
+
+def server_command(*args: str | Path) -> list[str]:
+    """The argv that runs tcpmap-server with ARGS in a fresh interpreter."""
+    return [sys.executable, "-c", _LAUNCHER, *map(str, args)]
+
+
+_LISTENING = re.compile(r"INFO: listening on (\S+):(\d+)$")
+
+
+class ServerProcess:
+    """A tcpmap-server subprocess; its stderr lines are collected as they come."""
+
+    def __init__(self, db: Path, args: tuple[str, ...]) -> None:
+        self.db = db
+        self.proc = subprocess.Popen(
+            server_command("--db", db, *args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.logs: list[str] = []
+        self._eof = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        try:
+            match = self.wait_for_log(_LISTENING.pattern, timeout=START_TIMEOUT)
+        except BaseException:
+            self.kill()
+            raise
+        self.host = match.group(1)
+        self.port = int(match.group(2))
+        self.address = ("127.0.0.1", self.port)
+
+    def _collect(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            with self._changed:
+                self.logs.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    def mark(self) -> int:
+        """A position in the log: pass it as since= to wait for lines logged after now."""
+        with self._changed:
+            return len(self.logs)
+
+    def wait_for_log(
+        self, pattern: str, timeout: float = REPLY_TIMEOUT, since: int = 0
+    ) -> re.Match[str]:
+        """The first log line from SINCE on that matches PATTERN (re.search), waiting for it."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.logs[since:]:
+                    if match := regex.search(line):
+                        return match
+                since = max(since, len(self.logs))
+                remaining = deadline - time.monotonic()
+                if self._eof or remaining <= 0:
+                    why = "the server exited" if self._eof else f"{timeout}s passed"
+                    log = "\n".join(self.logs)
+                    raise AssertionError(f"no log line matching {pattern!r}; {why}. Log:\n{log}")
+                self._changed.wait(remaining)
+
+    def connect(self, timeout: float = REPLY_TIMEOUT) -> Conn:
+        return Conn(self.port, timeout=timeout)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, wait (bounded), return the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            returncode = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"server still running {timeout}s after SIGTERM") from None
+        self._reader.join(timeout)
+        return returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(STOP_TIMEOUT)
+
+
+class StartServer(Protocol):
+    def __call__(self, db: Path, *args: str) -> ServerProcess: ...
+
+
+@pytest.fixture
+def server() -> Iterator[StartServer]:
+    """server(db, *args) starts tcpmap-server on 127.0.0.1:0; teardown stops it, expects 0."""
+    started: list[ServerProcess] = []
+
+    def start(db: Path, *args: str) -> ServerProcess:
+        if not any(arg == "--listen" or arg.startswith("--listen=") for arg in args):
+            args = ("--listen", "127.0.0.1:0", *args)
+        process = ServerProcess(db, args)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.proc.returncode is None:
+            returncode = process.stop()
+            assert returncode == 0, f"exit status {returncode}. Log:\n" + "\n".join(process.logs)
+        assert not [line for line in process.logs if "Traceback" in line], "\n".join(process.logs)
+
+
+# --- Postfix's own tools ------------------------------------------------------------
+
+POSTFIX_MISSING = "needs Postfix: apt-get install postfix postfix-lmdb (make test installs it)"
+
+
+def require_postfix() -> None:
+    """Skip without postmap/postalias; in CI (CI=true) a missing Postfix is a failure."""
+    if shutil.which("postmap") and shutil.which("postalias"):
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(POSTFIX_MISSING, pytrace=False)
+    pytest.skip(POSTFIX_MISSING)
+
+
+def postfix_config_dir(tmp_path: Path) -> Path:
+    """A minimal Postfix config directory for `postmap -c DIR` / `postalias -c DIR`."""
+    directory = tmp_path / "postfix-config"
+    directory.mkdir(exist_ok=True)
+    main_cf = directory / "main.cf"
+    main_cf.write_text("compatibility_level = 3.6\n")
+    # Postfix re-reads a main.cf changed in the last 2 seconds until it holds
+    # still (0.3 s naps, about 2 s per command): date it in the past.
+    an_hour_ago = time.time() - 3600
+    os.utime(main_cf, (an_hour_ago, an_hour_ago))
+    return directory
+
+
+@pytest.fixture
+def postfix_dir(tmp_path: Path) -> Path:
+    """A Postfix config dir, after require_postfix()."""
+    require_postfix()
+    return postfix_config_dir(tmp_path)
+
+
+def run_postfix(*argv: str | Path, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """Run a Postfix tool (postmap, postalias), bounded in time; output captured."""
+    return subprocess.run(
+        [str(arg) for arg in argv], input=stdin, capture_output=True, timeout=60, check=False
+    )

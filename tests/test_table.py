@@ -1,0 +1,525 @@
+"""tcpmap_lmdb.table: Table.get conventions and LiveTable's reopen/error behaviour, on real files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import MakeTable, make_table, run_postfix
+from tcpmap_lmdb import dbformat
+from tcpmap_lmdb.table import LiveTable, Table, TableError
+
+SOURCE = 'Foo bar baz\nAlpha@Example.COM  x y\n"quoted key" q\nStraße s\n'
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "virtual.lmdb"
+
+
+def get(path: Path, key: str | bytes, *, fold_keys: bool | None = None) -> bytes | None:
+    """Open PATH, look KEY up, close."""
+    table = Table.open(path, fold_keys=fold_keys)
+    try:
+        return table.get(key.encode() if isinstance(key, str) else key)
+    finally:
+        table.close()
+
+
+def lookup_error(table: LiveTable, key: bytes = b"key") -> str:
+    """The TableError message LiveTable.lookup raises."""
+    with pytest.raises(TableError) as excinfo:
+        table.lookup(key)
+    return str(excinfo.value)
+
+
+# --- our own files ------------------------------------------------------------
+
+
+def test_get_finds_a_key_whatever_its_case(db: Path, make_table: MakeTable) -> None:
+    """A folded table answers a lookup in any case."""
+    make_table(db, {"Alice@Example.com": "alice@mail"})
+    assert get(db, "ALICE@example.COM") == b"alice@mail"
+
+
+def test_get_folds_non_ascii_keys_fully(db: Path, make_table: MakeTable) -> None:
+    """Non-ASCII keys get full Unicode case folding, like Postfix's ICU folding (ß -> ss)."""
+    make_table(db, {"Straße@Example.de": "street"})
+    assert get(db, "STRASSE@example.de") == b"street"
+    assert get(db, "straße@EXAMPLE.DE") == b"street"
+
+
+def test_get_returns_none_for_a_missing_key(db: Path, make_table: MakeTable) -> None:
+    """A key that is not in the table is None, not an error."""
+    make_table(db, {"alice": "a"})
+    assert get(db, "bob") is None
+
+
+def test_get_stores_keys_with_one_trailing_nul(db: Path, make_table: MakeTable) -> None:
+    """A key is found as stored with its NUL; the NUL is not part of the key."""
+    make_table(db, {"alice": "a"})
+    assert get(db, b"alice\x00") is None
+    assert get(db, "alice") == b"a"
+
+
+def test_unfolded_table_is_case_sensitive(db: Path, make_table: MakeTable) -> None:
+    """A table whose build record says folded=False looks keys up exactly as sent."""
+    make_table(db, {"Alice": "a"}, folded=False)
+    table = Table.open(db)
+    try:
+        assert not table.folded
+        assert table.get(b"Alice") == b"a"
+        assert table.get(b"alice") is None
+    finally:
+        table.close()
+
+
+def test_fold_keys_false_overrides_the_build_record(db: Path, make_table: MakeTable) -> None:
+    """fold_keys=False looks up exactly as sent even in a folded table."""
+    make_table(db, {"alice": "a"})
+    assert get(db, "Alice", fold_keys=False) is None
+    assert get(db, "alice", fold_keys=False) == b"a"
+
+
+def test_fold_keys_true_overrides_the_build_record(db: Path, make_table: MakeTable) -> None:
+    """fold_keys=True folds lookups even in a table built without folding."""
+    make_table(db, {"alice": "a"}, folded=False)
+    assert get(db, "ALICE", fold_keys=True) == b"a"
+
+
+def test_file_without_build_record_folds_like_postmap(db: Path, make_table: MakeTable) -> None:
+    """Without a build record the table is treated as Postfix's: folded, lookups locked."""
+    make_table(db, {"alice": "a"}, info=False)
+    table = Table.open(db)
+    try:
+        assert table.info is None
+        assert table.folded
+        assert table.get(b"ALICE") == b"a"
+    finally:
+        table.close()
+
+
+def test_build_record_is_read(db: Path, make_table: MakeTable) -> None:
+    """The build record gives the record count, and the record is not counted as data."""
+    make_table(db, {"a": "1", "b": "2", "c": "3"})
+    table = Table.open(db)
+    try:
+        assert table.info is not None
+        assert table.info.records == 3
+        assert table.records == 3
+        assert "3 records" in table.describe()
+    finally:
+        table.close()
+
+
+def test_unreadable_build_record_is_ignored(db: Path, make_table: MakeTable) -> None:
+    """A META_KEY value that is not ours leaves a usable table with Postfix defaults."""
+    make_table(db, {b"alice": b"a", dbformat.META_KEY[:-1]: b"not json"}, info=False)
+    table = Table.open(db)
+    try:
+        assert table.info is None
+        assert table.get(b"Alice") == b"a"
+    finally:
+        table.close()
+
+
+def test_value_is_cut_at_the_first_nul(db: Path, make_table: MakeTable) -> None:
+    """Like Postfix's vstring_strncpy, a value ends at its first NUL."""
+    make_table(db, {b"key": b"ab\x00cd"})
+    assert get(db, "key") == b"ab"
+
+
+def test_value_with_spaces_and_8bit_bytes_comes_back_verbatim(
+    db: Path, make_table: MakeTable
+) -> None:
+    """Values are returned byte for byte (quoting is the protocol's job, not the table's)."""
+    value = "smtp:[relay.example]:587 %é\t\r\n".encode()
+    make_table(db, {b"key": value})
+    assert get(db, "key") == value
+
+
+def test_empty_stored_value_is_a_table_error(db: Path, make_table: MakeTable) -> None:
+    """An empty value cannot be served (Postfix rejects it): a TableError naming the file."""
+    make_table(db, {"empty": ""})
+    with pytest.raises(TableError, match=str(db)):
+        get(db, "empty")
+
+
+def test_value_of_only_a_nul_is_a_table_error(db: Path, make_table: MakeTable) -> None:
+    """A value that is empty up to its first NUL is as unusable as an empty one."""
+    make_table(db, {b"key": b"\x00rest"})
+    with pytest.raises(TableError):
+        get(db, "key")
+
+
+def test_longest_storable_key_is_found(db: Path, make_table: MakeTable) -> None:
+    """A 510-byte key (511 with its NUL, LMDB's MDB_MAXKEYSIZE) is found."""
+    key = "k" * (dbformat.MAX_KEY_BYTES - 1)
+    make_table(db, {key: "long"})
+    assert get(db, key) == b"long"
+
+
+@pytest.mark.parametrize("length", [511, 512, 1000, 5000])
+def test_key_longer_than_lmdb_can_hold_is_not_found(
+    db: Path, make_table: MakeTable, length: int
+) -> None:
+    """A key LMDB could never store is simply not found (no LMDB error)."""
+    make_table(db, {"k": "v"})
+    assert get(db, "k" * length) is None
+
+
+@pytest.mark.parametrize("info", [True, False])
+def test_over_long_key_is_not_found_with_or_without_build_record(
+    db: Path, make_table: MakeTable, info: bool
+) -> None:
+    """Both lookup paths (one long transaction, locked per lookup) treat long keys alike."""
+    make_table(db, {"k": "v"}, info=info)
+    assert get(db, "k" * 511) is None
+    assert get(db, "k" * 4000) is None
+
+
+def test_empty_key_is_not_found(db: Path, make_table: MakeTable) -> None:
+    """An empty key is never found."""
+    make_table(db, {"k": "v"})
+    assert get(db, "") is None
+
+
+_keys = st.binary(min_size=1, max_size=200).filter(lambda b: b"\x00" not in b)
+_values = st.binary(min_size=1, max_size=300).filter(lambda b: b"\x00" not in b)
+
+
+@settings(max_examples=30, deadline=None)
+@given(entries=st.dictionaries(_keys, _values, min_size=1, max_size=20), probe=_keys)
+def test_any_table_round_trips(entries: dict[bytes, bytes], probe: bytes) -> None:
+    """Every key of an unfolded table gives back its value; other keys give None."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = make_table(Path(directory) / "t.lmdb", entries, folded=False)
+        table = Table.open(path)
+        try:
+            for key, value in entries.items():
+                assert table.get(key) == value
+            assert table.get(probe) == entries.get(probe)
+        finally:
+            table.close()
+
+
+# --- files made by Postfix's own tools ---------------------------------------------
+
+
+def postmap_table(postfix_dir: Path, tmp_path: Path, *flags: str, source: str = SOURCE) -> Path:
+    """Build tmp_path/map.lmdb from SOURCE with the real `postmap [FLAGS] lmdb:`."""
+    text = tmp_path / "map"
+    text.write_text(source)
+    result = run_postfix("postmap", "-c", postfix_dir, *flags, f"lmdb:{text}")
+    assert result.returncode == 0, result.stderr
+    return tmp_path / "map.lmdb"
+
+
+@pytest.mark.postfix
+@pytest.mark.parametrize("flags", [(), ("-N",), ("-n",)], ids=["default", "-N", "-n"])
+def test_postmap_built_file_is_read(
+    postfix_dir: Path, tmp_path: Path, flags: tuple[str, ...]
+) -> None:
+    """Files from postmap, with or without the trailing NUL (-N / -n), answer like Postfix."""
+    path = postmap_table(postfix_dir, tmp_path, *flags)
+    table = Table.open(path)
+    try:
+        assert table.info is None
+        assert table.get(b"FOO") == b"bar baz"
+        assert table.get(b"alpha@example.com") == b"x y"
+        assert table.get("STRASSE".encode()) == b"s"
+        assert table.get("Straße".encode()) == b"s"
+        assert table.get(b'"quoted key"') == b"q"
+        assert table.get(b"quoted key") is None
+        assert table.get(b"missing") is None
+    finally:
+        table.close()
+
+
+@pytest.mark.postfix
+def test_postmap_f_file_needs_folding_off(postfix_dir: Path, tmp_path: Path) -> None:
+    """`postmap -f` keeps the case of keys: found as written with fold_keys=False only."""
+    path = postmap_table(postfix_dir, tmp_path, "-f")
+    assert get(path, "Foo") is None  # default: folded, like a plain postmap file
+    assert get(path, "Foo", fold_keys=False) == b"bar baz"
+    assert get(path, "foo", fold_keys=False) is None
+
+
+@pytest.mark.postfix
+def test_postalias_built_file_is_read(postfix_dir: Path, tmp_path: Path) -> None:
+    """A postalias file is served: folded keys, full values, its '@' marker record."""
+    aliases = tmp_path / "aliases"
+    aliases.write_text("postmaster: root\nAlice: alice@example.com, bob\n")
+    result = run_postfix("postalias", "-c", postfix_dir, f"lmdb:{aliases}")
+    assert result.returncode == 0, result.stderr
+    table = Table.open(tmp_path / "aliases.lmdb")
+    try:
+        assert table.get(b"Postmaster") == b"root"
+        assert table.get(b"alice") == b"alice@example.com, bob"
+        assert table.get(b"@") == b"@"
+        assert table.get(b"bob") is None
+        assert "built by Postfix" in table.describe()
+    finally:
+        table.close()
+
+
+@pytest.mark.postfix
+def test_live_table_sees_postmap_rewriting_in_place(postfix_dir: Path, tmp_path: Path) -> None:
+    """postmap rewrites its file in place (same inode); the next lookup sees the new data."""
+    path = postmap_table(postfix_dir, tmp_path, source="foo one\n")
+    inode = path.stat().st_ino
+    table = LiveTable(path)
+    try:
+        assert table.lookup(b"foo") == b"one"
+        postmap_table(postfix_dir, tmp_path, source="foo two\nbar three\n")
+        assert path.stat().st_ino == inode
+        assert table.lookup(b"foo") == b"two"
+        assert table.lookup(b"bar") == b"three"
+    finally:
+        table.close()
+
+
+# --- LiveTable: the file at a path, as it changes ----------------------------------
+
+
+def test_live_table_serves_the_file(db: Path, make_table: MakeTable) -> None:
+    """A LiveTable looks keys up in the file at its path."""
+    make_table(db, {"alice": "a"})
+    table = LiveTable(db)
+    try:
+        assert table.lookup(b"Alice") == b"a"
+        assert table.lookup(b"bob") is None
+        assert table.error is None
+    finally:
+        table.close()
+
+
+def test_replacement_by_rename_is_seen_on_the_next_lookup(db: Path, make_table: MakeTable) -> None:
+    """A table published by rename answers the very next lookup: no signal, no delay."""
+    make_table(db, {"alice": "old", "gone": "x"})
+    table = LiveTable(db)
+    try:
+        assert table.lookup(b"alice") == b"old"
+        make_table(db, {"alice": "new", "bob": "b"})
+        assert table.lookup(b"alice") == b"new"
+        assert table.lookup(b"bob") == b"b"
+        assert table.lookup(b"gone") is None
+    finally:
+        table.close()
+
+
+def test_many_replacements_are_each_seen(db: Path, make_table: MakeTable) -> None:
+    """Every one of a quick series of publications is served right after it lands."""
+    table = LiveTable(db)
+    try:
+        for generation in range(20):
+            make_table(db, {"key": f"v{generation}"})
+            assert table.lookup(b"key") == f"v{generation}".encode()
+    finally:
+        table.close()
+
+
+def test_missing_at_start_is_a_table_error_then_recovers(db: Path, make_table: MakeTable) -> None:
+    """No file yet: lookups raise TableError saying so; once a file appears it is served."""
+    table = LiveTable(db)
+    try:
+        message = lookup_error(table)
+        assert str(db) in message
+        assert "missing" in message
+        assert table.error == message
+        make_table(db, {"key": "value"})
+        assert table.lookup(b"key") == b"value"
+        assert table.error is None
+    finally:
+        table.close()
+
+
+def test_deleted_while_serving_is_a_table_error(db: Path, make_table: MakeTable) -> None:
+    """A file deleted under a serving table makes lookups fail (400), not answer stale data."""
+    make_table(db, {"key": "value"})
+    table = LiveTable(db)
+    try:
+        assert table.lookup(b"key") == b"value"
+        db.unlink()
+        assert "missing" in lookup_error(table)
+        assert table.table is None
+        make_table(db, {"key": "again"})
+        assert table.lookup(b"key") == b"again"
+    finally:
+        table.close()
+
+
+def test_garbage_file_is_a_table_error_naming_the_path(db: Path) -> None:
+    """A file that is not LMDB gives a TableError that names the file."""
+    db.write_bytes(b"this is not an LMDB file\n" * 500)
+    with pytest.raises(TableError, match=str(db)):
+        Table.open(db)
+    table = LiveTable(db)
+    try:
+        assert str(db) in lookup_error(table)
+    finally:
+        table.close()
+
+
+def test_empty_file_is_a_table_error(db: Path) -> None:
+    """A zero-byte file (a build that never wrote) is a TableError."""
+    db.touch()
+    with pytest.raises(TableError, match=str(db)):
+        Table.open(db)
+
+
+def test_replaced_by_garbage_then_good_file(db: Path, make_table: MakeTable) -> None:
+    """A bad publication makes lookups fail; the next good one is served again."""
+    make_table(db, {"key": "one"})
+    table = LiveTable(db)
+    try:
+        assert table.lookup(b"key") == b"one"
+        garbage = db.with_name("garbage")
+        garbage.write_bytes(os.urandom(3 * 4096))
+        garbage.replace(db)
+        assert str(db) in lookup_error(table)
+        make_table(db, {"key": "two"})
+        assert table.lookup(b"key") == b"two"
+    finally:
+        table.close()
+
+
+@pytest.fixture
+def big_table(tmp_path: Path) -> Path:
+    """A valid table of many pages."""
+    entries = {f"user{i:05d}@example.com": f"mailbox {i} " * 8 for i in range(3000)}
+    return make_table(tmp_path / "big.lmdb", entries)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.01, 0.05, 0.5, 0.99])
+def test_truncated_file_is_a_table_error(big_table: Path, tmp_path: Path, fraction: float) -> None:
+    """A truncated copy of a valid table is refused at open (no SIGBUS on a later lookup)."""
+    copy = tmp_path / "truncated.lmdb"
+    shutil.copyfile(big_table, copy)
+    size = copy.stat().st_size
+    os.truncate(copy, int(size * fraction))
+    with pytest.raises(TableError, match=str(copy)):
+        Table.open(copy)
+
+
+def test_truncated_by_one_byte_is_a_table_error(big_table: Path, tmp_path: Path) -> None:
+    """Even one missing byte at the end is detected."""
+    copy = tmp_path / "truncated.lmdb"
+    shutil.copyfile(big_table, copy)
+    os.truncate(copy, copy.stat().st_size - 1)
+    with pytest.raises(TableError, match="truncated"):
+        Table.open(copy)
+
+
+def test_truncated_publication_is_a_table_error_for_a_live_table(
+    big_table: Path, tmp_path: Path
+) -> None:
+    """A live table replaced by a truncated file fails lookups instead of crashing."""
+    db = tmp_path / "live.lmdb"
+    shutil.copyfile(big_table, db)
+    table = LiveTable(db)
+    try:
+        assert table.lookup(b"user02999@example.com") == b"mailbox 2999 " * 8
+        partial = tmp_path / "partial"
+        shutil.copyfile(big_table, partial)
+        os.truncate(partial, partial.stat().st_size // 2)
+        partial.replace(db)
+        assert "truncated" in lookup_error(table, b"user02999@example.com")
+    finally:
+        table.close()
+
+
+def test_directory_at_the_path_is_a_table_error(db: Path) -> None:
+    """A directory where the file should be is refused with a reason naming it."""
+    db.mkdir()
+    with pytest.raises(TableError, match="not a regular file"):
+        Table.open(db)
+    table = LiveTable(db)
+    try:
+        assert str(db) in lookup_error(table)
+    finally:
+        table.close()
+
+
+def test_path_through_a_regular_file_is_a_table_error(tmp_path: Path) -> None:
+    """A stat error other than ENOENT (here ENOTDIR) is reported with its reason."""
+    parent = tmp_path / "file"
+    parent.write_text("not a directory")
+    table = LiveTable(parent / "virtual.lmdb")
+    try:
+        message = lookup_error(table)
+        assert str(parent / "virtual.lmdb") in message
+        assert "Not a directory" in message
+    finally:
+        table.close()
+
+
+_PERMISSION_PROBE = """\
+import sys
+from pathlib import Path
+from tcpmap_lmdb.table import LiveTable, TableError
+table = LiveTable(Path(sys.argv[1]))
+try:
+    table.lookup(b"key")
+except TableError as exc:
+    print("TableError:", exc)
+else:
+    print("read the file")
+"""
+
+
+def test_unreadable_file_is_a_table_error(db: Path, make_table: MakeTable) -> None:
+    """A file the server may not read gives a TableError saying permission is denied."""
+    make_table(db, {"key": "value"})
+    db.chmod(0)
+    argv = [sys.executable, "-c", _PERMISSION_PROBE, str(db)]
+    if os.geteuid() == 0:
+        # chmod 000 does not stop root: run the probe as root without the
+        # capabilities that bypass file permissions.
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root and setpriv (util-linux) is missing to drop DAC caps")
+        argv = [setpriv, "--bounding-set=-dac_override,-dac_read_search", *argv]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    if result.returncode != 0 and "setpriv" in result.stderr:
+        pytest.skip(f"cannot drop capabilities here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("TableError:"), result.stdout
+    assert str(db) in result.stdout
+    assert "Permission denied" in result.stdout
+
+
+def test_forced_refresh_reopens_the_same_file(db: Path, make_table: MakeTable) -> None:
+    """refresh(force=True) (what SIGHUP does) reopens an unchanged file and keeps serving."""
+    make_table(db, {"key": "value"})
+    table = LiveTable(db)
+    try:
+        assert table.lookup(b"key") == b"value"
+        before = table.table
+        table.refresh(force=True)
+        assert table.table is not None
+        assert table.table is not before
+        assert table.lookup(b"key") == b"value"
+    finally:
+        table.close()
+
+
+def test_error_state_clears_when_file_is_fixed_in_place(db: Path) -> None:
+    """A garbage file overwritten in place with a good table is picked up (new signature)."""
+    db.write_bytes(b"garbage")
+    table = LiveTable(db)
+    try:
+        lookup_error(table)
+        good = make_table(db.with_name("good.lmdb"), {"key": "value"})
+        db.write_bytes(good.read_bytes())
+        assert table.lookup(b"key") == b"value"
+    finally:
+        table.close()
