@@ -19,6 +19,7 @@ from .config import (
     DEFAULT_STOP_TIMEOUT,
     Address,
     ConfigError,
+    ListenSpec,
     ServerConfig,
 )
 from .table import Table, TableError
@@ -29,6 +30,13 @@ __all__ = ["build_main", "query_main", "server_main"]
 def _address(text: str) -> Address:
     try:
         return Address.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _listen(text: str) -> ListenSpec:
+    try:
+        return ListenSpec.parse(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -54,16 +62,30 @@ def _fold_option(parser: argparse.ArgumentParser) -> None:
 def server_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tcpmap-server",
-        description="Answer Postfix tcp_table(5) lookups from an LMDB table.",
+        description="Answer Postfix tcp_table(5) and socketmap_table(5) lookups from LMDB tables.",
     )
-    parser.add_argument("--db", type=Path, required=True, help="the table, e.g. virtual.lmdb")
+    parser.add_argument(
+        "--db",
+        type=Path,
+        metavar="PATH",
+        help="the table for tcp_table listeners, e.g. /var/lib/tcpmap/virtual.lmdb "
+        "(socketmap serves it as map 'virtual')",
+    )
+    parser.add_argument(
+        "--maps",
+        type=Path,
+        metavar="DIR",
+        help="serve every DIR/NAME.lmdb as map NAME (new files need no restart)",
+    )
     parser.add_argument(
         "--listen",
-        type=_address,
+        type=_listen,
         action="append",
-        metavar="HOST:PORT",
-        help=f"address to listen on, repeatable; [::1]:PORT for IPv6 (default: the sockets "
-        f"systemd passes, else {DEFAULT_HOST}:{DEFAULT_PORT})",
+        metavar="SPEC",
+        help="repeatable: HOST:PORT or tcp:HOST:PORT (tcp_table, the --db table), "
+        "tcp:HOST:PORT=NAME (tcp_table, map NAME), socketmap:HOST:PORT, socketmap:unix:PATH; "
+        "[::1]:PORT for IPv6. Default: the sockets systemd passes, else "
+        f"{DEFAULT_HOST}:{DEFAULT_PORT} (tcp_table with --db, socketmap with only --maps)",
     )
     parser.add_argument(
         "--idle-timeout",
@@ -105,6 +127,7 @@ def server_main(argv: list[str] | None = None) -> int:
     try:
         config = ServerConfig(
             db=args.db,
+            maps=args.maps,
             listen=tuple(args.listen or ()),
             idle_timeout=args.idle_timeout,
             max_connections=args.max_connections,

@@ -64,29 +64,115 @@ def _port(text: str, whole: str) -> int:
     return int(text)
 
 
+TCP_TABLE = "tcp"
+SOCKETMAP = "socketmap"
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """What a listener serves: tcp_table bound to one map, or socketmap (map per request)."""
+
+    protocol: str  # TCP_TABLE or SOCKETMAP
+    map: str | None = None  # tcp_table only; None: the --db table
+
+    @classmethod
+    def from_fd_name(cls, name: str) -> Binding:
+        """The binding of a socket systemd passed, from its FileDescriptorName=.
+
+        ``socketmap`` serves socketmap; ``tcp=NAME`` serves tcp_table from map
+        NAME; any other name (``tcp_table``, the unit's name) serves tcp_table
+        from the --db table.
+        """
+        if name == SOCKETMAP:
+            return cls(SOCKETMAP)
+        if name.startswith("tcp="):
+            return cls(TCP_TABLE, name[4:])
+        return cls(TCP_TABLE)
+
+    def __str__(self) -> str:
+        if self.protocol == SOCKETMAP:
+            return "socketmap"
+        return f"tcp_table ({self.map})" if self.map else "tcp_table"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenSpec:
+    """One --listen: where (an inet address or a unix socket path) and what."""
+
+    binding: Binding
+    address: Address | None = None
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ListenSpec:
+        """HOST:PORT | tcp:HOST:PORT[=NAME] | socketmap:HOST:PORT | socketmap:unix:PATH."""
+        if text.startswith(f"{SOCKETMAP}:"):
+            rest = text[len(SOCKETMAP) + 1 :]
+            if rest.startswith("unix:"):
+                if not rest[5:]:
+                    raise ConfigError(f"{text!r}: expected socketmap:unix:PATH")
+                return cls(Binding(SOCKETMAP), path=Path(rest[5:]))
+            return cls(Binding(SOCKETMAP), address=Address.parse(rest))
+        rest = text[4:] if text.startswith(f"{TCP_TABLE}:") else text
+        where, sep, name = rest.partition("=")
+        if sep and not name:
+            raise ConfigError(f"{text!r}: expected tcp:HOST:PORT=NAME")
+        return cls(Binding(TCP_TABLE, name or None), address=Address.parse(where))
+
+    def __str__(self) -> str:
+        where = f"unix:{self.path}" if self.path else str(self.address)
+        return f"{where} ({self.binding})"
+
+
 DEFAULT_LISTEN = Address(DEFAULT_HOST, DEFAULT_PORT)
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    db: Path
-    # Empty: the sockets systemd passes, or DEFAULT_LISTEN when there are none.
-    listen: tuple[Address, ...] = ()
+    db: Path | None = None  # one table, served by plain tcp_table listeners
+    maps: Path | None = None  # a directory of NAME.lmdb tables
+    # Empty: the sockets systemd passes, or the default listener when there are none.
+    listen: tuple[ListenSpec, ...] = ()
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
-    fold_keys: bool | None = None  # None: as the table was built
+    fold_keys: bool | None = None  # None: as each table was built
     allow_remote: bool = False
 
     def __post_init__(self) -> None:
+        if self.db is None and self.maps is None:
+            raise ConfigError("give a table with --db PATH, or a directory of tables with --maps")
         if self.idle_timeout <= 0:
             raise ConfigError("--idle-timeout must be positive")
         if self.max_connections < 1:
             raise ConfigError("--max-connections must be at least 1")
-        remote = [str(a) for a in self.listen if not a.is_loopback]
+        for spec in self.listen:
+            self.check_binding(spec.binding, str(spec))
+        remote = [str(s.address) for s in self.listen if s.address and not s.address.is_loopback]
         if remote and not self.allow_remote:
             raise ConfigError(
-                f"refusing to listen on non-loopback {', '.join(remote)}: tcp_table has no "
-                "authentication, so anyone who can connect can read the whole table. "
-                "Use --allow-remote if a firewall protects the port."
+                f"refusing to listen on non-loopback {', '.join(remote)}: tcp_table and "
+                "socketmap have no authentication, so anyone who can connect can read every "
+                "table. Use --allow-remote if a firewall protects the port."
             )
+
+    def check_binding(self, binding: Binding, where: str) -> None:
+        """Raise ConfigError if BINDING cannot be served with these tables."""
+        if binding.protocol == TCP_TABLE and binding.map is None and self.db is None:
+            raise ConfigError(f"{where}: a tcp_table listener needs --db, or a map: tcp:...=NAME")
+        if binding.map is not None and self.maps is None and binding.map != self.db_name:
+            raise ConfigError(f"{where}: map {binding.map!r} needs --maps DIR")
+
+    @property
+    def db_name(self) -> str | None:
+        """The map name of --db: its file name without .lmdb."""
+        if self.db is None:
+            return None
+        name = self.db.name
+        return name[:-5] if name.endswith(".lmdb") else name
+
+    @property
+    def default_listen(self) -> ListenSpec:
+        """tcp_table for --db; socketmap when only --maps is given."""
+        binding = Binding(TCP_TABLE) if self.db is not None else Binding(SOCKETMAP)
+        return ListenSpec(binding, address=DEFAULT_LISTEN)

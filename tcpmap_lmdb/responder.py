@@ -1,7 +1,8 @@
-"""From a request line to its reply line: the protocol meets the table.
+"""From a request to its reply: the protocols meet the tables.
 
-Each outcome maps to exactly one reply code: found 200, not found 500, bad
-request or any table trouble 400 (Postfix defers and retries: design.md 2).
+Each outcome maps to exactly one reply: tcp_table found 200, not found 500, bad
+request or any table trouble 400 (Postfix defers and retries: design.md 2);
+socketmap OK, NOTFOUND, TEMP, and PERM for an unknown map.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from . import protocol
+from . import protocol, socketmap
+from .maps import Maps, UnknownMap
 from .table import TableError
 
 log = logging.getLogger(__name__)
@@ -45,3 +47,40 @@ class Responder:
 
     def answer_all(self, lines: list[bytes]) -> bytes:
         return b"".join([self.answer(line) for line in lines])
+
+
+class SocketmapResponder:
+    """socketmap requests: the map is named in each request (socketmap_table(5)).
+
+    Unknown map names are configuration errors (PERM); table trouble is TEMP,
+    so Postfix defers the mail and retries.
+    """
+
+    __slots__ = ("_maps",)
+
+    def __init__(self, maps: Maps) -> None:
+        self._maps = maps
+
+    def answer(self, payload: bytes) -> bytes:
+        """The reply netstring for one request payload."""
+        try:
+            request = socketmap.parse_request(payload)
+        except socketmap.BadRequest as exc:
+            return socketmap.permanent(f"bad request: {exc}")
+        name = request.name.decode("utf-8", "replace")
+        try:
+            table = self._maps.get(name)
+            value = table.lookup(request.key) if b"\x00" not in request.key else None
+        except UnknownMap:
+            return socketmap.permanent(f"unknown map {name!r}")
+        except TableError as exc:
+            return socketmap.temporary(str(exc))
+        except Exception:
+            log.exception("socketmap lookup of %r in %s failed", request.key, name)
+            return socketmap.temporary("internal error, see the server log")
+        if value is None:
+            return socketmap.NOT_FOUND
+        return socketmap.ok(value) or socketmap.VALUE_TOO_LONG
+
+    def answer_all(self, payloads: list[bytes]) -> bytes:
+        return b"".join([self.answer(payload) for payload in payloads])

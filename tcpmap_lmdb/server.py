@@ -1,11 +1,11 @@
-"""Thin gevent glue: listeners, one greenlet per connection, timeouts, limits, shutdown."""
+"""Thin gevent glue: one greenlet per connection, timeouts, limits, signals, shutdown."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import signal
-import socket
 from collections.abc import Callable, Iterable
 
 import gevent
@@ -14,73 +14,53 @@ import gevent.pool
 import gevent.socket
 from gevent.server import StreamServer
 
-from . import protocol
-from .config import DEFAULT_LISTEN, Address, ServerConfig
-from .responder import Responder
-from .systemd import Notifier, inherited_listeners
-from .table import LiveTable
+from .config import SOCKETMAP, Binding, ServerConfig
+from .listeners import Endpoint, format_address, open_endpoints
+from .maps import Maps, UnknownMap
+from .responder import Responder, SocketmapResponder
+from .sessions import Session, SocketmapSession, TcpTableSession
+from .systemd import Notifier
+from .table import TableError
 
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 65536
-LISTEN_BACKLOG = 1024  # bursts of Postfix processes connecting at once
 STATUS_INTERVAL = 5.0  # seconds between STATUS= updates to systemd
+
+SessionFactory = Callable[[], Session]
 
 
 class _Stopping(Exception):
     """Thrown into idle connections when the server shuts down."""
 
 
-def bind(address: Address) -> gevent.socket.socket:
-    """A listening, non-blocking gevent socket for ADDRESS."""
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(
-        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = gevent.socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        # Accepted sockets inherit TCP_NODELAY on Linux.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind(sockaddr)
-        sock.listen(LISTEN_BACKLOG)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 class Server:
-    """Serves one LiveTable on the given listening sockets."""
+    """Serves the maps on the given endpoints, each with its own protocol."""
 
-    def __init__(
-        self,
-        config: ServerConfig,
-        table: LiveTable,
-        listeners: Iterable[gevent.socket.socket],
-    ) -> None:
+    def __init__(self, config: ServerConfig, maps: Maps, endpoints: Iterable[Endpoint]) -> None:
         self._config = config
-        self._table = table
-        self._responder = Responder(table.lookup)
         self._pool = gevent.pool.Pool(config.max_connections)
-        self._servers = [StreamServer(s, self._handle, spawn=self._pool) for s in listeners]
+        self._endpoints = list(endpoints)
+        self._servers = [
+            StreamServer(
+                endpoint.sock,
+                functools.partial(self._handle, session_factory(endpoint.binding, maps, config)),
+                spawn=self._pool,
+            )
+            for endpoint in self._endpoints
+        ]
         self._idle: set[gevent.Greenlet[..., None]] = set()
         self._stopping = False
         self._stop_requested = gevent.event.Event()
         self.connections = 0
         self.lookups = 0
 
-    @property
-    def addresses(self) -> list[str]:
-        return [_format_sockname(s.socket.getsockname()) for s in self._servers]
-
     def start(self) -> None:
         _raise_fd_limit(self._config.max_connections)
-        for server in self._servers:
+        for server, endpoint in zip(self._servers, self._endpoints, strict=True):
             server.start()
-        for address in self.addresses:
-            log.info("listening on %s", address)
+            log.info("listening on %s", endpoint.where)
+            log.info("%s serves %s (%s)", endpoint.where, endpoint.binding, endpoint.origin)
 
     def request_stop(self) -> None:
         """Safe from a signal handler: the main greenlet does the work."""
@@ -105,9 +85,11 @@ class Server:
 
     # --- one connection -----------------------------------------------------
 
-    def _handle(self, sock: gevent.socket.socket, address: object) -> None:
+    def _handle(
+        self, new_session: SessionFactory, sock: gevent.socket.socket, address: object
+    ) -> None:
         self.connections += 1
-        buffer = protocol.LineBuffer()
+        session = new_session()
         idle_timeout = self._config.idle_timeout
         current = gevent.getcurrent()
         assert isinstance(current, gevent.Greenlet)  # StreamServer spawns one per connection
@@ -127,44 +109,66 @@ class Server:
                         data = _read_pending(sock)
                     finally:
                         self._idle.discard(current)
-                    if not data or not self._serve(sock, address, buffer, data):
+                    if not data or not self._serve(sock, address, session, data):
                         return
                 except gevent.Timeout as exc:
                     if exc is not timer:
                         raise
-                    log.debug("%s: idle for %ss, closing", _peer(address), timer.seconds)
+                    log.debug("%s: idle for %ss, closing", format_address(address), idle_timeout)
                     return
                 finally:
                     timer.close()
             # Shutting down: answer requests that already arrived, then close.
             pending = _read_pending(sock)
             if pending:
-                self._serve(sock, address, buffer, pending)
+                self._serve(sock, address, session, pending)
         except OSError as exc:
-            log.debug("%s: %s", _peer(address), exc)
+            log.debug("%s: %s", format_address(address), exc)
         except _Stopping:
             pass  # the kill landed after recv returned: the connection just closes
         finally:
             self.connections -= 1
 
     def _serve(
-        self, sock: gevent.socket.socket, address: object, buffer: protocol.LineBuffer, data: bytes
+        self, sock: gevent.socket.socket, address: object, session: Session, data: bytes
     ) -> bool:
-        """Answer every complete line in DATA; False when the connection must close."""
-        try:
-            lines = buffer.feed(data)
-        except protocol.LineTooLong as exc:
-            peer = _peer(address)
-            log.warning("%s: %s, closing the connection", peer, exc, extra={"CLIENT": peer})
-            sock.sendall(self._answer(exc.lines) + protocol.LINE_TOO_LONG)
+        """Answer every complete request in DATA; False when the connection must close."""
+        output = session.receive(data)
+        self.lookups += output.requests
+        if output.replies:
+            sock.sendall(output.replies)
+        if output.close is not None:
+            peer = format_address(address)
+            log.warning(
+                "%s: %s, closing the connection", peer, output.close, extra={"CLIENT": peer}
+            )
             return False
-        if lines:
-            sock.sendall(self._answer(lines))
         return True
 
-    def _answer(self, lines: list[bytes]) -> bytes:
-        self.lookups += len(lines)
-        return self._responder.answer_all(lines)
+
+def session_factory(binding: Binding, maps: Maps, config: ServerConfig) -> SessionFactory:
+    """New sessions for a listener: socketmap, or tcp_table bound to one map."""
+    if binding.protocol == SOCKETMAP:
+        return functools.partial(SocketmapSession, SocketmapResponder(maps))
+    name = binding.map or config.db_name
+    assert name is not None  # ServerConfig.check_binding guarantees a map
+    return functools.partial(TcpTableSession, Responder(_map_lookup(maps, name)))
+
+
+def _map_lookup(maps: Maps, name: str) -> Callable[[bytes], bytes | None]:
+    try:
+        return maps.get(name).lookup  # known now: bind to it directly
+    except UnknownMap:
+        pass
+
+    def lookup(key: bytes) -> bytes | None:
+        try:
+            table = maps.get(name)
+        except UnknownMap:
+            raise TableError(f"no table {name}.lmdb in {maps.directory}") from None
+        return table.lookup(key)
+
+    return lookup
 
 
 def _read_pending(sock: gevent.socket.socket) -> bytes:
@@ -179,17 +183,6 @@ def _read_pending(sock: gevent.socket.socket) -> bytes:
     finally:
         sock.settimeout(None)
     return b"".join(chunks)
-
-
-def _peer(address: object) -> str:
-    return _format_sockname(address)
-
-
-def _format_sockname(name: object) -> str:
-    if isinstance(name, tuple) and len(name) >= 2:
-        host, port = name[0], name[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(name) or "unix socket"
 
 
 def _raise_fd_limit(connections: int) -> None:
@@ -209,50 +202,45 @@ def _raise_fd_limit(connections: int) -> None:
 
 
 def run(config: ServerConfig) -> int:
-    """Open the table, listen, serve until SIGTERM/SIGINT; SIGHUP re-opens the table."""
+    """Open the tables, listen, serve until SIGTERM/SIGINT; SIGHUP re-opens the tables."""
     notifier = Notifier()
-    table = LiveTable(config.db, fold_keys=config.fold_keys, warm=True)
-    table.refresh()  # open and warm before READY: a cold first lookup stalls the hub
-    server = Server(config, table, _listeners(config))
+    tables = {config.db_name: config.db} if config.db and config.db_name else {}
+    maps = Maps(tables, config.maps, fold_keys=config.fold_keys, warm=True)
+    maps.open_all()  # open and warm before READY: a cold first lookup stalls the hub
+    server = Server(config, maps, open_endpoints(config))
     gevent.signal_handler(signal.SIGTERM, server.request_stop)
     gevent.signal_handler(signal.SIGINT, server.request_stop)
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(_reload, server, table, notifier))
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(_reload, server, maps, notifier))
     server.start()
-    notifier.ready(_status(server, table))
+    notifier.ready(_status(server, maps))
     helpers: list[gevent.Greenlet[..., None]] = []
     if notifier.enabled:
-        helpers.append(gevent.spawn(_report_status, server, table, notifier))
+        helpers.append(gevent.spawn(_report_status, server, maps, notifier))
     if notifier.watchdog_interval:
         helpers.append(gevent.spawn(_watchdog, notifier, notifier.watchdog_interval))
     try:
         server.serve_until_stopped(before_stop=notifier.stopping)
     finally:
         gevent.killall(helpers)
-        table.close()
+        maps.close()
     return 0
 
 
-def _listeners(config: ServerConfig) -> list[gevent.socket.socket]:
-    inherited = inherited_listeners()
-    if not inherited:
-        return [bind(address) for address in config.listen or (DEFAULT_LISTEN,)]
-    if config.listen:
-        log.warning("serving the sockets systemd passed; --listen is ignored")
-    for listener in inherited:
-        log.info("inherited socket %r from systemd", listener.name)
-    return [listener.sock for listener in inherited]
+def _status(server: Server, maps: Maps) -> str:
+    parts = []
+    for _, live in maps:
+        table = live.table
+        parts.append(f"serving {table.describe()}" if table else f"table unavailable: {live.error}")
+    if not parts:
+        parts.append(f"no tables yet in {maps.directory}")
+    counters = f"{server.connections} connections; {server.lookups} lookups"
+    return "; ".join([*parts, counters])
 
 
-def _status(server: Server, table: LiveTable) -> str:
-    current = table.table
-    serving = f"serving {current.describe()}" if current else f"table unavailable: {table.error}"
-    return f"{serving}; {server.connections} connections; {server.lookups} lookups"
-
-
-def _report_status(server: Server, table: LiveTable, notifier: Notifier) -> None:
+def _report_status(server: Server, maps: Maps, notifier: Notifier) -> None:
     while True:
         gevent.sleep(STATUS_INTERVAL)
-        notifier.status(_status(server, table))
+        notifier.status(_status(server, maps))
 
 
 def _watchdog(notifier: Notifier, interval: float) -> None:
@@ -262,8 +250,10 @@ def _watchdog(notifier: Notifier, interval: float) -> None:
         gevent.sleep(interval)
 
 
-def _reload(server: Server, table: LiveTable, notifier: Notifier) -> None:
-    log.info("SIGHUP: re-opening %s", table.path)
+def _reload(server: Server, maps: Maps, notifier: Notifier) -> None:
+    paths = [str(live.path) for _, live in maps] or [f"{maps.directory}/*.lmdb"]
+    log.info("SIGHUP: re-opening %s", ", ".join(paths))
     notifier.reloading()
-    table.refresh(force=True)
-    notifier.ready(_status(server, table))
+    maps.refresh_all(force=True)
+    maps.open_all()
+    notifier.ready(_status(server, maps))

@@ -1,0 +1,109 @@
+"""Listening sockets: inherited from systemd, or bound from --listen."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import gevent.socket
+
+from .config import Address, Binding, ConfigError, ListenSpec, ServerConfig
+from .systemd import inherited_listeners
+
+log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 1024  # bursts of Postfix processes connecting at once
+# Like a loopback port, which every local user can reach: the socket unit sets
+# owner and mode when it matters (SocketUser=, SocketMode=).
+UNIX_SOCKET_MODE = 0o666
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    sock: gevent.socket.socket
+    binding: Binding
+    origin: str  # for the log: where it came from
+
+    @property
+    def where(self) -> str:
+        return format_address(self.sock.getsockname())
+
+
+def open_endpoints(config: ServerConfig) -> list[Endpoint]:
+    """The sockets systemd passed, if any; else the --listen ones (or the default)."""
+    inherited = inherited_listeners()
+    if not inherited:
+        specs = config.listen or (config.default_listen,)
+        return [Endpoint(bind(spec), spec.binding, "--listen") for spec in specs]
+    if config.listen:
+        log.warning("serving the sockets systemd passed; --listen is ignored")
+    endpoints = []
+    for listener in inherited:
+        binding = Binding.from_fd_name(listener.name)
+        try:
+            config.check_binding(binding, f"socket {listener.name!r} from systemd")
+        except ConfigError:
+            for other in inherited:
+                other.sock.close()
+            raise
+        log.info("inherited socket %r from systemd", listener.name)
+        endpoints.append(Endpoint(listener.sock, binding, f"systemd {listener.name!r}"))
+    return endpoints
+
+
+def bind(spec: ListenSpec) -> gevent.socket.socket:
+    if spec.path is not None:
+        return bind_unix(spec.path)
+    assert spec.address is not None  # ListenSpec.parse gives one or the other
+    return bind_inet(spec.address)
+
+
+def bind_inet(address: Address) -> gevent.socket.socket:
+    """A listening, non-blocking gevent socket for ADDRESS."""
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = gevent.socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Accepted sockets inherit TCP_NODELAY on Linux.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_unix(path: Path) -> gevent.socket.socket:
+    """A listening unix socket at PATH, replacing a stale socket (never another file)."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, UNIX_SOCKET_MODE)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def format_address(name: object) -> str:
+    if isinstance(name, tuple) and len(name) >= 2:
+        host, port = name[0], name[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return f"unix:{name}" if name else "unix socket"

@@ -1,0 +1,88 @@
+"""Several tables in one service: maps by name.
+
+A map NAME is the table ``NAME.lmdb``: the one given with --db, or one in the
+--maps directory. Maps in the directory are opened on first use, so adding a
+``NAME.lmdb`` file there needs no restart.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from .table import LiveTable
+
+SUFFIX = ".lmdb"
+# What a map name may be: it becomes a file name, so no '/', no leading dot.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,200}")
+
+
+class UnknownMap(LookupError):
+    """No such map: a configuration error (socketmap PERM), not a temporary one."""
+
+
+def valid_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
+
+
+def name_of(path: Path) -> str:
+    """The map name of a table file: virtual.lmdb -> virtual."""
+    return path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.name
+
+
+class Maps:
+    """The maps a server knows: fixed tables plus every NAME.lmdb in a directory."""
+
+    def __init__(
+        self,
+        tables: dict[str, Path] | None = None,
+        directory: Path | None = None,
+        *,
+        fold_keys: bool | None = None,
+        warm: bool = True,
+    ) -> None:
+        self.directory = directory
+        self._fold_keys = fold_keys
+        self._warm = warm
+        self._fixed = dict(tables or {})
+        self._open: dict[str, LiveTable] = {}
+        for name, path in self._fixed.items():
+            self._open[name] = self._live(path)
+
+    def _live(self, path: Path) -> LiveTable:
+        return LiveTable(path, fold_keys=self._fold_keys, warm=self._warm)
+
+    def get(self, name: str) -> LiveTable:
+        """The map called NAME; raises UnknownMap when there is none."""
+        table = self._open.get(name)
+        if table is not None:
+            return table
+        if self.directory is None or not valid_name(name):
+            raise UnknownMap(name)
+        path = self.directory / f"{name}{SUFFIX}"
+        if not path.is_file():
+            raise UnknownMap(name)
+        table = self._open[name] = self._live(path)
+        return table
+
+    def open_all(self) -> None:
+        """Open the fixed tables and every table in the directory (before READY)."""
+        for name in self._fixed:
+            self._open[name].refresh()
+        if self.directory is not None:
+            for path in sorted(self.directory.glob(f"*{SUFFIX}")):
+                name = name_of(path)
+                if valid_name(name) and path.is_file():
+                    self.get(name).refresh()
+
+    def refresh_all(self, *, force: bool = False) -> None:
+        for table in self._open.values():
+            table.refresh(force=force)
+
+    def __iter__(self) -> Iterator[tuple[str, LiveTable]]:
+        return iter(sorted(self._open.items()))
+
+    def close(self) -> None:
+        for table in self._open.values():
+            table.close()
