@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .build import main as build_main
-from .client import LookupFailed, TcpTableClient
+from .client import LookupFailed, connect
 from .config import (
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
@@ -151,17 +151,18 @@ def server_main(argv: list[str] | None = None) -> int:
 def query_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tcpmap-query",
-        description="Look keys up like `postmap -q`: through a tcp_table server, or in a file. "
+        description="Look keys up like `postmap -q`: through a tcp_table or socketmap server, "
+        "or in a file. "
         "Exit 0 if any key was found, 1 if none, 2 on error.",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "-s",
         "--server",
-        type=_address,
-        default=Address(DEFAULT_HOST, DEFAULT_PORT),
-        metavar="HOST:PORT",
-        help="tcp_table server (default %(default)s)",
+        default=f"{DEFAULT_HOST}:{DEFAULT_PORT}",
+        metavar="TABLE",
+        help="the server, as Postfix names it: HOST:PORT or tcp:HOST:PORT (tcp_table), "
+        "socketmap:inet:HOST:PORT:NAME or socketmap:unix:PATH:NAME (default %(default)s)",
     )
     source.add_argument("--db", type=Path, help="look up in this LMDB file directly")
     _fold_option(parser)
@@ -213,5 +214,11 @@ def _lookup_function(args: argparse.Namespace) -> Iterator[Callable[[bytes], byt
         finally:
             table.close()
     else:
-        with TcpTableClient(args.server) as client:
+        try:
+            client = connect(args.server)
+        except ValueError as exc:
+            raise LookupFailed(str(exc)) from None
+        try:
             yield client.lookup
+        finally:
+            client.close()

@@ -1,10 +1,10 @@
-"""A blocking tcp_table client, as Postfix's dict_tcp behaves: for tcpmap-query and tests."""
+"""Blocking clients that behave as Postfix's dict_tcp and dict_sockmap: for tcpmap-query."""
 
 from __future__ import annotations
 
 import socket
 
-from . import protocol
+from . import protocol, socketmap
 from .config import Address
 
 DEFAULT_TIMEOUT = 100.0  # dict_tcp.c DICT_TCP_TMOUT
@@ -49,3 +49,77 @@ class TcpTableClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SocketmapClient:
+    """socketmap_table(5), as Postfix's dict_sockmap: one request, then one reply."""
+
+    def __init__(self, where: Address | str, name: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.where = str(where)
+        self.name = name
+        if isinstance(where, Address):
+            self._sock = socket.create_connection((where.host, where.port), timeout=timeout)
+        else:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.settimeout(timeout)
+            self._sock.connect(where)
+        self._file = self._sock.makefile("rb")
+
+    def lookup(self, key: bytes) -> bytes | None:
+        """The value for KEY, or None for NOTFOUND; LookupFailed for TEMP, PERM and others."""
+        self._sock.sendall(socketmap.request(self.name, key))
+        status, text = socketmap.parse_reply(self._read_netstring())
+        if status == b"OK":
+            return text
+        if status == b"NOTFOUND":
+            return None
+        reason = text.decode("utf-8", "replace")
+        raise LookupFailed(f"{self.where}: {status.decode('ascii', 'replace')} {reason}")
+
+    def _read_netstring(self) -> bytes:
+        digits = b""
+        while (byte := self._file.read(1)) != b":":
+            if not byte:
+                raise LookupFailed(f"{self.where}: unexpected EOF")
+            digits += byte
+            if not digits.isdigit() or len(digits) > 12:
+                raise LookupFailed(f"{self.where}: bad netstring length {digits!r}")
+        length = int(digits or b"x") if digits.isdigit() else -1
+        if not 0 <= length <= socketmap.MAX_REPLY:
+            raise LookupFailed(f"{self.where}: reply length {digits!r} over the limit")
+        payload = self._file.read(length + 1)
+        if len(payload) != length + 1 or not payload.endswith(b","):
+            raise LookupFailed(f"{self.where}: malformed netstring reply")
+        return payload[:-1]
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def __enter__(self) -> SocketmapClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+Client = TcpTableClient | SocketmapClient
+
+
+def connect(spec: str, timeout: float = DEFAULT_TIMEOUT) -> Client:
+    """A client for a table named as in Postfix's main.cf (the type prefix optional):
+
+    ``HOST:PORT``, ``tcp:HOST:PORT``, ``socketmap:inet:HOST:PORT:NAME``,
+    ``socketmap:unix:PATH:NAME``.
+    """
+    if spec.startswith("socketmap:"):
+        rest, sep, name = spec[len("socketmap:") :].rpartition(":")
+        if not sep or not name:
+            raise ValueError(f"{spec!r}: expected socketmap:inet:HOST:PORT:NAME or unix:PATH:NAME")
+        if rest.startswith("unix:"):
+            return SocketmapClient(rest[5:], name.encode(), timeout)
+        if rest.startswith("inet:"):
+            return SocketmapClient(Address.parse(rest[5:]), name.encode(), timeout)
+        raise ValueError(f"{spec!r}: expected socketmap:inet:... or socketmap:unix:...")
+    address = spec[4:] if spec.startswith("tcp:") else spec
+    return TcpTableClient(Address.parse(address), timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -27,6 +28,7 @@ class Endpoint:
     sock: gevent.socket.socket
     binding: Binding
     origin: str  # for the log: where it came from
+    created: Path | None = None  # a unix socket file we made, removed on exit
 
     @property
     def where(self) -> str:
@@ -38,7 +40,7 @@ def open_endpoints(config: ServerConfig) -> list[Endpoint]:
     inherited = inherited_listeners()
     if not inherited:
         specs = config.listen or (config.default_listen,)
-        return [Endpoint(bind(spec), spec.binding, "--listen") for spec in specs]
+        return [Endpoint(bind(spec), spec.binding, "--listen", spec.path) for spec in specs]
     if config.listen:
         log.warning("serving the sockets systemd passed; --listen is ignored")
     endpoints = []
@@ -53,6 +55,13 @@ def open_endpoints(config: ServerConfig) -> list[Endpoint]:
         log.info("inherited socket %r from systemd", listener.name)
         endpoints.append(Endpoint(listener.sock, binding, f"systemd {listener.name!r}"))
     return endpoints
+
+
+def remove_socket_files(endpoints: list[Endpoint]) -> None:
+    """Remove the unix socket files we created (never those systemd made)."""
+    for endpoint in endpoints:
+        if endpoint.created is not None:
+            endpoint.created.unlink(missing_ok=True)
 
 
 def bind(spec: ListenSpec) -> gevent.socket.socket:
@@ -86,6 +95,8 @@ def bind_unix(path: Path) -> gevent.socket.socket:
     """A listening unix socket at PATH, replacing a stale socket (never another file)."""
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
+            if _answers(path):
+                raise OSError(errno.EADDRINUSE, f"{path}: another server is listening there")
             path.unlink()
     except FileNotFoundError:
         pass
@@ -98,6 +109,15 @@ def bind_unix(path: Path) -> gevent.socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def format_address(name: object) -> str:

@@ -15,7 +15,7 @@ import gevent.socket
 from gevent.server import StreamServer
 
 from .config import SOCKETMAP, Binding, ServerConfig
-from .listeners import Endpoint, format_address, open_endpoints
+from .listeners import Endpoint, format_address, open_endpoints, remove_socket_files
 from .maps import Maps, UnknownMap
 from .responder import Responder, SocketmapResponder
 from .sessions import Session, SocketmapSession, TcpTableSession
@@ -207,7 +207,8 @@ def run(config: ServerConfig) -> int:
     tables = {config.db_name: config.db} if config.db and config.db_name else {}
     maps = Maps(tables, config.maps, fold_keys=config.fold_keys, warm=True)
     maps.open_all()  # open and warm before READY: a cold first lookup stalls the hub
-    server = Server(config, maps, open_endpoints(config))
+    endpoints = open_endpoints(config)
+    server = Server(config, maps, endpoints)
     gevent.signal_handler(signal.SIGTERM, server.request_stop)
     gevent.signal_handler(signal.SIGINT, server.request_stop)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(_reload, server, maps, notifier))
@@ -222,6 +223,7 @@ def run(config: ServerConfig) -> int:
         server.serve_until_stopped(before_stop=notifier.stopping)
     finally:
         gevent.killall(helpers)
+        remove_socket_files(endpoints)
         maps.close()
     return 0
 
