@@ -30,7 +30,8 @@ from activation import (
     unit_setting,
     unix_listener,
 )
-from conftest import MakeTable, run_postfix
+from conftest import MakeTable
+from postfix_tools import run_postfix
 
 from tcpmap_lmdb import protocol
 
@@ -74,7 +75,7 @@ def lookup(address: tuple[str, int] | str, key: bytes, timeout: float = 10.0) ->
 
 
 def postmap_q(postfix_dir: Path, key: str, table: str) -> subprocess.CompletedProcess[bytes]:
-    return run_postfix("postmap", "-c", postfix_dir, "-q", key, table)
+    return run_postfix("postmap", postfix_dir, "-q", key, table)
 
 
 # --- starting from systemd's sockets --------------------------------------------------
@@ -281,17 +282,22 @@ def wait_until(condition: object, timeout: float = 20.0) -> None:
 
 
 @pytest.fixture
-def units(tmp_path: Path) -> tuple[Path, Path]:
-    """The units, with ExecStart='s binary pointed at this checkout (verify checks it exists)."""
-    service = tmp_path / "tcpmap.service"
+def units(tmp_path: Path) -> tuple[Path, ...]:
+    """Every unit, with ExecStart='s binary pointed at this checkout (verify checks it exists).
+
+    The service comes last.
+    """
     server = exec_start(Path("/var/lib/tcpmap/virtual.lmdb"))[0]
+    sockets = []
+    for unit in sorted(SERVICE_UNIT.parent.glob("*.socket")):
+        sockets.append(tmp_path / unit.name)
+        sockets[-1].write_text(unit.read_text())
+    service = tmp_path / "tcpmap.service"
     service.write_text(SERVICE_UNIT.read_text().replace("/usr/bin/tcpmap-server", server))
-    socket_unit = tmp_path / "tcpmap.socket"
-    socket_unit.write_text(SOCKET_UNIT.read_text())
-    return socket_unit, service
+    return (*sockets, service)
 
 
-def test_units_verify_clean(units: tuple[Path, Path]) -> None:
+def test_units_verify_clean(units: tuple[Path, ...]) -> None:
     """systemd-analyze verify: exit 0 and not one warning (typos only warn)."""
     tool = require("systemd-analyze")
     result = subprocess.run(
@@ -306,11 +312,11 @@ def test_units_verify_clean(units: tuple[Path, Path]) -> None:
     assert result.stderr.strip() == "", result.stderr
 
 
-def test_service_exposure_is_at_most_one(units: tuple[Path, Path]) -> None:
+def test_service_exposure_is_at_most_one(units: tuple[Path, ...]) -> None:
     """systemd-analyze security --offline: overall exposure 1.0 or lower."""
     tool = require("systemd-analyze")
     result = subprocess.run(
-        [tool, "security", "--offline=true", "--threshold=10", str(units[1])],
+        [tool, "security", "--offline=true", "--threshold=10", str(units[-1])],
         capture_output=True,
         text=True,
         timeout=60,
