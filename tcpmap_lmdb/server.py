@@ -6,6 +6,7 @@ import functools
 import logging
 import resource
 import signal
+import time
 from collections.abc import Callable, Iterable
 
 import gevent
@@ -93,29 +94,33 @@ class Server:
         idle_timeout = self._config.idle_timeout
         current = gevent.getcurrent()
         assert isinstance(current, gevent.Greenlet)  # StreamServer spawns one per connection
+        # The idle clock restarts only when a complete request has been answered:
+        # bytes trickled without a newline (slowloris) do not keep a connection,
+        # and neither does a client that stops reading its replies.
+        deadline = time.monotonic() + idle_timeout
         try:
             while not self._stopping:
-                # One timer covers reading a request and writing its reply: an idle
-                # client and one that stops reading its replies are both cut off.
-                # A new one each time: a cancelled gevent.Timeout that is started
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.debug("%s: idle for %ss, closing", format_address(address), idle_timeout)
+                    return
+                # A new timer each time: a cancelled gevent.Timeout that is started
                 # again only runs for what was left of its time (libev semantics).
-                timer = gevent.Timeout(idle_timeout)
+                timer = gevent.Timeout(remaining)
                 timer.start()
                 try:
-                    self._idle.add(current)
-                    try:
-                        data = sock.recv(RECV_SIZE)
-                    except _Stopping:
-                        data = _read_pending(sock)
-                    finally:
-                        self._idle.discard(current)
-                    if not data or not self._serve(sock, address, session, data):
+                    data = self._receive(sock, current)
+                    if not data:
                         return
+                    answered, keep_open = self._serve(sock, address, session, data)
+                    if not keep_open:
+                        return
+                    if answered:
+                        deadline = time.monotonic() + idle_timeout
                 except gevent.Timeout as exc:
                     if exc is not timer:
                         raise
-                    log.debug("%s: idle for %ss, closing", format_address(address), idle_timeout)
-                    return
+                    continue  # the deadline has passed: the loop closes the connection
                 finally:
                     timer.close()
             # Shutting down: answer requests that already arrived, then close.
@@ -129,21 +134,31 @@ class Server:
         finally:
             self.connections -= 1
 
+    def _receive(self, sock: gevent.socket.socket, current: gevent.Greenlet[..., None]) -> bytes:
+        """The next bytes from the client; on shutdown, only what already arrived."""
+        self._idle.add(current)
+        try:
+            return sock.recv(RECV_SIZE)
+        except _Stopping:
+            return _read_pending(sock)
+        finally:
+            self._idle.discard(current)
+
     def _serve(
         self, sock: gevent.socket.socket, address: object, session: Session, data: bytes
-    ) -> bool:
-        """Answer every complete request in DATA; False when the connection must close."""
-        output = session.receive(data)
-        self.lookups += output.requests
-        if output.replies:
-            sock.sendall(output.replies)
-        if output.close is not None:
-            peer = format_address(address)
-            log.warning(
-                "%s: %s, closing the connection", peer, output.close, extra={"CLIENT": peer}
-            )
-            return False
-        return True
+    ) -> tuple[int, bool]:
+        """Answer every complete request in DATA: (requests answered, keep the connection?)."""
+        answered = 0
+        for output in session.receive(data):
+            answered += output.requests
+            self.lookups += output.requests
+            if output.replies:
+                sock.sendall(output.replies)
+            if output.close is not None:
+                peer = format_address(address)
+                log.warning("%s: %s, closing", peer, output.close, extra={"CLIENT": peer})
+                return answered, False
+        return answered, True
 
 
 def session_factory(binding: Binding, maps: Maps, config: ServerConfig) -> SessionFactory:

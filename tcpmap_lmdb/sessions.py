@@ -6,6 +6,7 @@ says when the connection must close.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,8 +21,19 @@ class Output:
     close: str | None = None  # why the connection must close after the replies
 
 
+# Requests answered per write. A client that pipelines many small requests and
+# never reads can make the server hold at most this many replies (4 KiB each for
+# tcp_table) before the write blocks and the idle timeout takes over.
+BATCH = 64
+
+
 class Session(Protocol):
-    def receive(self, data: bytes) -> Output: ...
+    def receive(self, data: bytes) -> Iterator[Output]: ...
+
+
+def _batches(requests: list[bytes]) -> Iterator[list[bytes]]:
+    for start in range(0, len(requests), BATCH):
+        yield requests[start : start + BATCH]
 
 
 class TcpTableSession:
@@ -33,13 +45,15 @@ class TcpTableSession:
         self._responder = responder
         self._buffer = protocol.LineBuffer()
 
-    def receive(self, data: bytes) -> Output:
+    def receive(self, data: bytes) -> Iterator[Output]:
         try:
-            lines = self._buffer.feed(data)
+            lines, close = self._buffer.feed(data), None
         except protocol.LineTooLong as exc:
-            replies = self._responder.answer_all(exc.lines) + protocol.LINE_TOO_LONG
-            return Output(replies, len(exc.lines) + 1, close=str(exc))
-        return Output(self._responder.answer_all(lines), len(lines))
+            lines, close = exc.lines, str(exc)
+        for batch in _batches(lines):
+            yield Output(self._responder.answer_all(batch), len(batch))
+        if close is not None:
+            yield Output(protocol.LINE_TOO_LONG, 1, close=close)
 
 
 class SocketmapSession:
@@ -55,10 +69,12 @@ class SocketmapSession:
         self._responder = responder
         self._buffer = socketmap.NetstringBuffer()
 
-    def receive(self, data: bytes) -> Output:
+    def receive(self, data: bytes) -> Iterator[Output]:
         try:
-            payloads = self._buffer.feed(data)
+            payloads, close = self._buffer.feed(data), None
         except socketmap.NetstringError as exc:
-            replies = self._responder.answer_all(exc.payloads)
-            return Output(replies, len(exc.payloads), close=str(exc))
-        return Output(self._responder.answer_all(payloads), len(payloads))
+            payloads, close = exc.payloads, str(exc)
+        for batch in _batches(payloads):
+            yield Output(self._responder.answer_all(batch), len(batch))
+        if close is not None:
+            yield Output(b"", 0, close=close)
