@@ -9,10 +9,13 @@ renamed onto it, so readers see either the old table or the complete new one
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import secrets
+import signal
 import stat
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -131,9 +134,11 @@ def write_table(
     size (default: estimated from the records); it doubles whenever it is full.
     """
     mode = _publish_mode(target)
+    _remove_stale_temporaries(target)
     # Named before it exists: a Ctrl-C landing while it is being created still
     # finds it to remove (with mkstemp the name would only be known afterwards).
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    # The PID in the name lets a later build remove it if this one is SIGKILLed.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     fd, ours, published = -1, True, False
     try:
         try:
@@ -152,6 +157,25 @@ def write_table(
             os.close(fd)
         if ours and not published:
             tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove temporary files that killed builds (SIGKILL, power loss) left behind."""
+    prefix = f".{target.name}."
+    for path in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = path.name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _publish_mode(target: Path) -> int:
@@ -278,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage or help
         return exc.code if isinstance(exc.code, int) else 2
+    previous = _interrupt_on_termination()
     try:
         return _build(args)
     except _Failed as exc:
@@ -287,6 +312,27 @@ def main(argv: list[str] | None = None) -> int:
         # The table is the old one or, if the rename was already done, the new one.
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _restore_signals(previous)
+
+
+_TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt_on_termination() -> dict[int, object]:
+    """SIGTERM and SIGHUP clean up like Ctrl-C: no temporary file is left behind."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, _raise_interrupt) for signum in _TERMINATING}
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _restore_signals(previous: dict[int, object]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)  # type: ignore[arg-type]
 
 
 def _build(args: argparse.Namespace) -> int:
