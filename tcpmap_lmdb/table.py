@@ -100,8 +100,14 @@ class Table:
         except lmdb.Error as exc:
             raise TableError(f"{path} is not a readable LMDB file: {_reason(exc)}") from None
         try:
-            _check_size(path, env, st.st_size)
-            info = _read_info(env)
+            # Postfix's rule for every read transaction (lmdb_table(5)): a shared
+            # fcntl lock keeps a postmap rewriting the file in place out meanwhile.
+            fcntl.lockf(fd, fcntl.LOCK_SH)
+            try:
+                _check_size(path, env, st.st_size)
+                info = _read_info(env)
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
         except BaseException:
             env.close()
             raise

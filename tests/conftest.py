@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from typing import Protocol
 
 import lmdb
 import pytest
+from postfix_tools import postfix_config_dir, require_postfix
 
 from tcpmap_lmdb import dbformat, protocol
 
@@ -174,17 +174,9 @@ class Conn:
 
 # --- the server -----------------------------------------------------------------
 
-# Runs the real CLI. tcpmap_lmdb.cli imports tcpmap_lmdb.build, which is written
-# in parallel; until it exists, stand in an empty module so the server can start.
-_LAUNCHER = """\
-import importlib.util, sys, types
-if importlib.util.find_spec("tcpmap_lmdb.build") is None:
-    stub = types.ModuleType("tcpmap_lmdb.build")
-    stub.main = lambda argv=None: 2
-    sys.modules["tcpmap_lmdb.build"] = stub
-from tcpmap_lmdb.cli import server_main
-raise SystemExit(server_main())
-"""
+# Runs the real CLI entry point (what .venv/bin/tcpmap-server runs) under the
+# interpreter running the tests.
+_LAUNCHER = "from tcpmap_lmdb.cli import server_main; raise SystemExit(server_main())"
 
 
 def server_command(*args: str | Path) -> list[str]:
@@ -306,40 +298,9 @@ def server() -> Iterator[StartServer]:
 
 # --- Postfix's own tools ------------------------------------------------------------
 
-POSTFIX_MISSING = "needs Postfix: apt-get install postfix postfix-lmdb (make test installs it)"
-
-
-def require_postfix() -> None:
-    """Skip without postmap/postalias; in CI (CI=true) a missing Postfix is a failure."""
-    if shutil.which("postmap") and shutil.which("postalias"):
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(POSTFIX_MISSING, pytrace=False)
-    pytest.skip(POSTFIX_MISSING)
-
-
-def postfix_config_dir(tmp_path: Path) -> Path:
-    """A minimal Postfix config directory for `postmap -c DIR` / `postalias -c DIR`."""
-    directory = tmp_path / "postfix-config"
-    directory.mkdir(exist_ok=True)
-    main_cf = directory / "main.cf"
-    main_cf.write_text("compatibility_level = 3.6\n")
-    # Postfix re-reads a main.cf changed in the last 2 seconds until it holds
-    # still (0.3 s naps, about 2 s per command): date it in the past.
-    an_hour_ago = time.time() - 3600
-    os.utime(main_cf, (an_hour_ago, an_hour_ago))
-    return directory
-
 
 @pytest.fixture
 def postfix_dir(tmp_path: Path) -> Path:
-    """A Postfix config dir, after require_postfix()."""
+    """A config dir for `postmap -c DIR`; skips without Postfix (fails under CI=true)."""
     require_postfix()
     return postfix_config_dir(tmp_path)
-
-
-def run_postfix(*argv: str | Path, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    """Run a Postfix tool (postmap, postalias), bounded in time; output captured."""
-    return subprocess.run(
-        [str(arg) for arg in argv], input=stdin, capture_output=True, timeout=60, check=False
-    )

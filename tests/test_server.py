@@ -6,6 +6,7 @@ hex-decodes, LF, at most 4096 bytes, no CR, never 200 with an empty value.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import struct
@@ -14,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import (
     REPLY_TIMEOUT,
     Conn,
@@ -25,6 +25,7 @@ from conftest import (
     make_table,
     server_command,
 )
+
 from tcpmap_lmdb import protocol
 
 TABLE = {
@@ -160,9 +161,7 @@ def test_longest_storable_key_is_found_and_longer_ones_are_not(
 
 
 @pytest.mark.parametrize("fold", ["default", "--fold", "--no-fold"])
-def test_fold_flags_decide_case_sensitivity(
-    server: StartServer, tmp_path: Path, fold: str
-) -> None:
+def test_fold_flags_decide_case_sensitivity(server: StartServer, tmp_path: Path, fold: str) -> None:
     """By default the build record decides folding; --fold / --no-fold override it."""
     folded = make_table(tmp_path / "folded.lmdb", {"alice": "a"})
     exact = make_table(tmp_path / "exact.lmdb", {"Alice": "A"}, folded=False)
@@ -302,6 +301,18 @@ def test_requests_before_an_over_long_line_are_answered_first(conn: Conn) -> Non
     conn.read_eof()
 
 
+def test_flood_without_lf_gets_400_before_the_hang_up(srv: ServerProcess) -> None:
+    """100 kB with no LF: the server stops reading at the limit, answers 400, hangs up."""
+    with srv.connect() as conn:
+        conn.send(b"x" * 100_000)
+        assert conn.read_line() == protocol.LINE_TOO_LONG
+        # Bytes the server never read turn its close into a reset: either is a hang-up.
+        with contextlib.suppress(ConnectionResetError):
+            conn.read_eof()
+    with srv.connect() as fresh:
+        assert fresh.ask("alice@example.com")[0] == 200
+
+
 def test_client_reset_mid_request_does_not_disturb_the_server(srv: ServerProcess) -> None:
     """A client that resets the connection half-way through a line leaves the server fine."""
     sock = socket.create_connection(srv.address, timeout=REPLY_TIMEOUT)
@@ -329,9 +340,7 @@ def test_many_open_connections_are_all_served(srv: ServerProcess) -> None:
             conn.close()
 
 
-def test_idle_connection_is_closed_after_the_idle_timeout(
-    server: StartServer, db: Path
-) -> None:
+def test_idle_connection_is_closed_after_the_idle_timeout(server: StartServer, db: Path) -> None:
     """With --idle-timeout 0.5 a silent connection is closed, no sooner than 0.5 s."""
     srv = server(db, "--idle-timeout", "0.5")
     with srv.connect() as conn:
@@ -341,7 +350,7 @@ def test_idle_connection_is_closed_after_the_idle_timeout(
 
 
 def test_idle_timeout_counts_from_the_last_request(server: StartServer, db: Path) -> None:
-    """A connection kept busy past the idle timeout stays open; it closes 0.5 s after going quiet."""
+    """A connection kept busy past the idle timeout stays open; closes 0.5 s after going quiet."""
     srv = server(db, "--idle-timeout", "0.5")
     with srv.connect() as conn:
         started = time.monotonic()
@@ -378,9 +387,7 @@ def test_max_connections_holds_extra_connections_back(server: StartServer, db: P
 # --- the table changing under the server --------------------------------------------
 
 
-def test_replacement_by_rename_is_served_on_open_connections(
-    srv: ServerProcess, db: Path
-) -> None:
+def test_replacement_by_rename_is_served_on_open_connections(srv: ServerProcess, db: Path) -> None:
     """A table published by rename answers the next lookup on every open connection."""
     conns = [srv.connect() for _ in range(5)]
     try:
@@ -468,6 +475,16 @@ def test_sigterm_answers_requests_already_sent(srv: ServerProcess, conn: Conn) -
     assert conn.read_line() == protocol.NOT_FOUND
     assert check_reply(conn.read_line())[0] == 200
     conn.read_eof()
+    assert srv.stop() == 0
+
+
+def test_sigterm_right_after_the_first_request_still_answers(srv: ServerProcess) -> None:
+    """A brand-new connection's first request, sent just before SIGTERM, is answered."""
+    with srv.connect() as conn:
+        conn.send(b"get alice@example.com\n")
+        srv.signal(signal.SIGTERM)
+        assert conn.read_line() == b"200 alice@mail.example.com\n"
+        conn.read_eof()
     assert srv.stop() == 0
 
 

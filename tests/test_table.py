@@ -1,4 +1,4 @@
-"""tcpmap_lmdb.table: Table.get conventions and LiveTable's reopen/error behaviour, on real files."""
+"""tcpmap_lmdb.table: Table.get conventions and LiveTable reopen/error behaviour, on real files."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import MakeTable, make_table
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from postfix_tools import run_postfix
 
-from conftest import MakeTable, make_table, run_postfix
 from tcpmap_lmdb import dbformat
 from tcpmap_lmdb.table import LiveTable, Table, TableError
 
@@ -218,7 +219,7 @@ def postmap_table(postfix_dir: Path, tmp_path: Path, *flags: str, source: str = 
     """Build tmp_path/map.lmdb from SOURCE with the real `postmap [FLAGS] lmdb:`."""
     text = tmp_path / "map"
     text.write_text(source)
-    result = run_postfix("postmap", "-c", postfix_dir, *flags, f"lmdb:{text}")
+    result = run_postfix("postmap", postfix_dir, *flags, f"lmdb:{text}")
     assert result.returncode == 0, result.stderr
     return tmp_path / "map.lmdb"
 
@@ -235,7 +236,7 @@ def test_postmap_built_file_is_read(
         assert table.info is None
         assert table.get(b"FOO") == b"bar baz"
         assert table.get(b"alpha@example.com") == b"x y"
-        assert table.get("STRASSE".encode()) == b"s"
+        assert table.get(b"STRASSE") == b"s"
         assert table.get("Straße".encode()) == b"s"
         assert table.get(b'"quoted key"') == b"q"
         assert table.get(b"quoted key") is None
@@ -258,7 +259,7 @@ def test_postalias_built_file_is_read(postfix_dir: Path, tmp_path: Path) -> None
     """A postalias file is served: folded keys, full values, its '@' marker record."""
     aliases = tmp_path / "aliases"
     aliases.write_text("postmaster: root\nAlice: alice@example.com, bob\n")
-    result = run_postfix("postalias", "-c", postfix_dir, f"lmdb:{aliases}")
+    result = run_postfix("postalias", postfix_dir, f"lmdb:{aliases}")
     assert result.returncode == 0, result.stderr
     table = Table.open(tmp_path / "aliases.lmdb")
     try:

@@ -1,1 +1,0 @@
-collect_ignore_glob = ["*"]  # atheris targets, run by `make fuzz`, not by pytest
