@@ -105,13 +105,15 @@ class ListenSpec:
 
     @classmethod
     def parse(cls, text: str) -> ListenSpec:
-        """HOST:PORT | tcp:HOST:PORT[=NAME] | socketmap:HOST:PORT | socketmap:unix:PATH."""
+        """HOST:PORT | tcp:HOST:PORT[=NAME] | socketmap:[inet:]HOST:PORT | socketmap:unix:PATH."""
         if text.startswith(f"{SOCKETMAP}:"):
             rest = text[len(SOCKETMAP) + 1 :]
             if rest.startswith("unix:"):
                 if not rest[5:]:
                     raise ConfigError(f"{text!r}: expected socketmap:unix:PATH")
                 return cls(Binding(SOCKETMAP), path=Path(rest[5:]))
+            # Postfix spells it socketmap:inet:HOST:PORT:NAME; "inet:" is optional here.
+            rest = rest.removeprefix("inet:")
             return cls(Binding(SOCKETMAP), address=Address.parse(rest))
         rest = text[4:] if text.startswith(f"{TCP_TABLE}:") else text
         where, sep, name = rest.partition("=")

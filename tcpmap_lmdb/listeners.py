@@ -29,6 +29,7 @@ class Endpoint:
     binding: Binding
     origin: str  # for the log: where it came from
     created: Path | None = None  # a unix socket file we made, removed on exit
+    created_id: tuple[int, int] | None = None  # its (st_dev, st_ino)
 
     @property
     def where(self) -> str:
@@ -39,8 +40,7 @@ def open_endpoints(config: ServerConfig) -> list[Endpoint]:
     """The sockets systemd passed, if any; else the --listen ones (or the default)."""
     inherited = inherited_listeners()
     if not inherited:
-        specs = config.listen or (config.default_listen,)
-        return [Endpoint(bind(spec), spec.binding, "--listen", spec.path) for spec in specs]
+        return _bind_all(config.listen or (config.default_listen,))
     if config.listen:
         log.warning("serving the sockets systemd passed; --listen is ignored")
     endpoints = []
@@ -57,11 +57,40 @@ def open_endpoints(config: ServerConfig) -> list[Endpoint]:
     return endpoints
 
 
+def _bind_all(specs: tuple[ListenSpec, ...]) -> list[Endpoint]:
+    """Bind every spec, or none: a failure closes and removes what was already bound."""
+    endpoints: list[Endpoint] = []
+    try:
+        for spec in specs:
+            sock = bind(spec)
+            created_id = _file_id(spec.path) if spec.path is not None else None
+            endpoints.append(Endpoint(sock, spec.binding, "--listen", spec.path, created_id))
+    except BaseException:
+        remove_socket_files(endpoints)
+        for endpoint in endpoints:
+            endpoint.sock.close()
+        raise
+    return endpoints
+
+
 def remove_socket_files(endpoints: list[Endpoint]) -> None:
-    """Remove the unix socket files we created (never those systemd made)."""
+    """Remove the unix socket files we created, if they are still ours.
+
+    Never those systemd made, nor one another server has put at the same path
+    since (a file is ours while its inode is the one we bound).
+    """
     for endpoint in endpoints:
-        if endpoint.created is not None:
-            endpoint.created.unlink(missing_ok=True)
+        path = endpoint.created
+        if path is not None and _file_id(path) == endpoint.created_id:
+            path.unlink(missing_ok=True)
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def bind(spec: ListenSpec) -> gevent.socket.socket:

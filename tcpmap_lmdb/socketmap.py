@@ -46,12 +46,19 @@ def netstring(payload: bytes) -> bytes:
 
 
 class NetstringBuffer:
-    """Frames a byte stream into netstring payloads of at most MAX_REQUEST bytes."""
+    """Frames a byte stream into netstring payloads of at most MAX_REQUEST bytes.
 
-    __slots__ = ("_buffer", "_limit")
+    While a payload of known length is still arriving, received chunks are only
+    collected, not re-scanned: a request trickled a byte at a time costs linear
+    work, not quadratic.
+    """
+
+    __slots__ = ("_chunks", "_held", "_limit", "_needed")
 
     def __init__(self, limit: int = MAX_REQUEST) -> None:
-        self._buffer = b""
+        self._chunks: list[bytes] = []
+        self._held = 0  # bytes in _chunks
+        self._needed = 0  # bytes to hold before scanning again is worthwhile
         self._limit = limit
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -60,19 +67,24 @@ class NetstringBuffer:
         Raises NetstringError at the first byte that cannot belong to a
         netstring, or as soon as a length over the limit is announced.
         """
-        buffer = self._buffer + data if self._buffer else data
+        self._chunks.append(data)
+        self._held += len(data)
+        if self._held < self._needed:
+            return []
+        buffer = b"".join(self._chunks) if len(self._chunks) > 1 else data
         payloads: list[bytes] = []
         try:
-            start = self._split(buffer, payloads)
+            start, self._needed = self._split(buffer, payloads)
         except NetstringError as exc:
-            self._buffer = b""
+            self._chunks, self._held, self._needed = [], 0, 0
             exc.payloads = payloads
             raise
-        self._buffer = buffer[start:]
+        rest = buffer[start:]
+        self._chunks, self._held = ([rest] if rest else []), len(rest)
         return payloads
 
-    def _split(self, buffer: bytes, payloads: list[bytes]) -> int:
-        """Append complete payloads; return where the incomplete rest starts."""
+    def _split(self, buffer: bytes, payloads: list[bytes]) -> tuple[int, int]:
+        """Append complete payloads: (where the incomplete rest starts, bytes it needs)."""
         start = 0
         while start < len(buffer):
             colon = buffer.find(b":", start, start + _MAX_DIGITS + 1)
@@ -80,7 +92,7 @@ class NetstringBuffer:
                 digits = buffer[start : start + _MAX_DIGITS + 1]
                 if not digits.isdigit() or len(digits) > _MAX_DIGITS:
                     raise NetstringError(f"bad netstring length {digits[:20]!r}")
-                break  # the length is still arriving
+                return start, 0  # the length is still arriving
             digits = buffer[start:colon]
             if not digits.isdigit():
                 raise NetstringError(f"bad netstring length {digits[:20]!r}")
@@ -89,12 +101,12 @@ class NetstringBuffer:
                 raise NetstringError(f"netstring of {length} bytes exceeds {self._limit}")
             end = colon + 1 + length
             if len(buffer) <= end:
-                break  # payload or its comma still arriving
+                return start, end + 1 - start  # payload or its comma still arriving
             if buffer[end] != ord(","):
                 raise NetstringError("netstring not terminated by ','")
             payloads.append(buffer[colon + 1 : end])
             start = end + 1
-        return start
+        return start, 0
 
 
 def parse_request(payload: bytes) -> Lookup:
