@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXAMPLE := examples/virtual
 EXAMPLE_DB := build/virtual.lmdb
 
-.PHONY: venv run test check system-deps clean
+.PHONY: venv run test check test-debian-stack fuzz system-deps clean deb
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,20 @@ test: venv
 	sh scripts/system-deps.sh test
 	$(MAKE) check
 	$(BIN)/pytest
+	$(MAKE) test-debian-stack
+
+# The suite again on Debian 12's python3-gevent, python3-lmdb, python3-systemd.
+test-debian-stack:
+	sh scripts/test-debian-stack.sh
+
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	$(BIN)/pip install -q atheris
+	mkdir -p build/fuzz-corpus
+	$(BIN)/python tests/fuzz/fuzz_codec.py -max_total_time=$(FUZZ_SECONDS) build/fuzz-corpus tests/fuzz/corpus
+
+deb:
+	sh scripts/build-deb.sh
 
 clean:
-	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-debian .venv-bench build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis

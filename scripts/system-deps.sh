@@ -1,16 +1,25 @@
 #!/bin/sh
 # Install the Debian/Ubuntu packages a target needs, only those missing.
 #   venv: what building systemd-python in .venv needs
-#   test: venv's, plus Postfix's own tools (the real client in the tests)
+#   test: venv's and system's, plus Postfix's own tools (the real client in the tests)
+#   deb: what building the Debian package needs (scripts/build-deb.sh)
+#   system: what the system test of the package needs (tests/test_system_deb.py)
+#   debian-stack: Debian 12's own Python stack (scripts/test-debian-stack.sh)
 set -eu
 
 venv_pkgs="python3-venv python3-dev gcc pkg-config libsystemd-dev"
-test_pkgs="$venv_pkgs postfix postfix-lmdb"
+deb_pkgs="debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian"
+system_pkgs="debootstrap systemd-container"
+test_pkgs="$venv_pkgs $system_pkgs postfix postfix-lmdb"
+debian_stack_pkgs="python3-venv python3-gevent python3-lmdb python3-systemd"
 
 case "${1:-}" in
     venv) wanted=$venv_pkgs ;;
     test) wanted=$test_pkgs ;;
-    *) echo "usage: $0 venv|test" >&2; exit 2 ;;
+    deb) wanted=$deb_pkgs ;;
+    system) wanted=$system_pkgs ;;
+    debian-stack) wanted=$debian_stack_pkgs ;;
+    *) echo "usage: $0 venv|test|deb|system|debian-stack" >&2; exit 2 ;;
 esac
 
 if ! command -v dpkg-query >/dev/null 2>&1; then

@@ -1,0 +1,256 @@
+#!/bin/sh
+# The system test of the Debian package, run inside a booted Debian 12 container
+# by tcpmap-system-test.service (tests/test_system_deb.py sets it all up).
+#
+# /srv/tcpmap-test/previous/ holds the previous build of the package and
+# /srv/tcpmap-test/current/ the newer one. Each check appends "ok NAME" or
+# "FAIL NAME" and its output to results.txt; checks go on after a failure, so
+# that one run shows them all. The last line counts them.
+set -eu
+
+T=/srv/tcpmap-test
+RESULTS=$T/results.txt
+DB=/var/lib/tcpmap/virtual.lmdb
+SOCKETMAP=/var/spool/postfix/private/tcpmap
+PREVIOUS=$(echo "$T"/previous/tcpmap-lmdb_*_all.deb)
+CURRENT=$(echo "$T"/current/tcpmap-lmdb_*_all.deb)
+export DEBIAN_FRONTEND=noninteractive
+passed=0
+failed=0
+
+# --- helpers ----------------------------------------------------------------------
+
+check() { # check NAME COMMAND...: run COMMAND, record its outcome under NAME
+    name=$1
+    shift
+    if output=$("$@" 2>&1); then
+        passed=$((passed + 1))
+        echo "ok $name" >>"$RESULTS"
+    else
+        failed=$((failed + 1))
+        echo "FAIL $name" >>"$RESULTS"
+        printf '%s\n' "$output" | sed 's/^/    /' >>"$RESULTS"
+    fi
+}
+
+expect() { # expect WANTED COMMAND...: COMMAND succeeds and prints exactly WANTED
+    wanted=$1
+    shift
+    got=$("$@") || { echo "exit status $? from: $*"; return 1; }
+    [ "$got" = "$wanted" ] || { printf 'wanted: %s\ngot:    %s\n' "$wanted" "$got"; return 1; }
+}
+
+is() { # is UNIT VERB WANTED: `systemctl VERB UNIT` prints WANTED (is-active, is-enabled)
+    got=$(systemctl "$2" "$1" 2>&1) || true
+    [ "$got" = "$3" ] || { echo "systemctl $2 $1: $got (wanted $3)"; return 1; }
+}
+
+lookup() { # lookup KEY TABLE: Postfix's own client (tcp:HOST:PORT, socketmap:...)
+    timeout 60 postmap -c "$T/postfix" -q "$1" "$2"
+}
+
+install_deb() {
+    apt-get install -y -q --no-install-recommends "$1" </dev/null
+}
+
+conffile() { # conffile PATH: dpkg lists PATH among the package's conffiles
+    dpkg-query -W -f '${Conffiles}\n' tcpmap-lmdb | grep "^ $1 "
+}
+
+main_pid() {
+    systemctl show -P MainPID tcpmap.service
+}
+
+dynamic_user() { # the service's process runs as a DynamicUser= (61184-65519), not root
+    pid=$(main_pid)
+    uid=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status")
+    echo "MainPID $pid runs as uid $uid"
+    [ "$uid" -ge 61184 ] && [ "$uid" -le 65519 ]
+}
+
+runs_with() { # runs_with TEXT: the service's command line contains TEXT
+    cmdline=$(tr '\0' ' ' <"/proc/$(main_pid)/cmdline")
+    echo "command line: $cmdline"
+    case "$cmdline" in *"$1"*) ;; *) return 1 ;; esac
+}
+
+restarted() { # restarted OLD_PID: the service is active again, in another process
+    pid=$(main_pid)
+    echo "MainPID was $1, is $pid"
+    is tcpmap.service is-active active && [ "$pid" -ne 0 ] && [ "$pid" -ne "$1" ]
+}
+
+wait_for() { # wait_for FILE: until FILE exists, at most 30 s
+    i=0
+    while [ ! -e "$1" ] && [ "$i" -lt 300 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+}
+
+start_client() { # start_client NAME: client.py connecting over and over, in the background
+    rm -f "$T/$1.ready" "$T/$1.stop"
+    python3 "$T/client.py" --ready "$T/$1.ready" --stop "$T/$1.stop" \
+        127.0.0.1 4242 alice@example.com "$ALICE" >"$T/$1.out" 2>&1 &
+    client_pid=$!
+    wait_for "$T/$1.ready"
+}
+
+stop_client() { # stop_client NAME: stop it, keep its exit status for client_ok
+    touch "$T/$1.stop"
+    client_status=0
+    wait "$client_pid" || client_status=$?
+}
+
+client_ok() { # client_ok NAME: no refused connection, no wrong reply
+    cat "$T/$1.out"
+    return "$client_status"
+}
+
+journal_shows() { # journal_shows TEXT...: journalctl -u tcpmap has every TEXT (waits 10 s)
+    i=0
+    while :; do
+        journalctl --sync 2>/dev/null || true
+        log=$(journalctl -u tcpmap --no-pager -o cat)
+        missing=""
+        for text; do
+            case "$log" in *"$text"*) ;; *) missing="$missing [$text]" ;; esac
+        done
+        [ -z "$missing" ] && return 0
+        if [ "$i" -ge 100 ]; then
+            printf 'missing:%s\njournalctl -u tcpmap:\n%s\n' "$missing" "$log"
+            return 1
+        fi
+        sleep 0.1
+        i=$((i + 1))
+    done
+}
+
+no_traceback() {
+    ! journalctl -u tcpmap --no-pager -o cat | grep -A20 Traceback
+}
+
+leftovers() { # nothing from dpkg -L remains, but directories other packages own too
+    status=0
+    while read -r path; do
+        [ "$path" != /. ] || continue
+        [ -e "$path" ] || [ -L "$path" ] || continue
+        if [ -d "$path" ] && dpkg-query -S "$path" >/dev/null 2>&1; then
+            continue
+        fi
+        echo "left behind: $path"
+        status=1
+    done <"$T/dpkg-L.txt"
+    return "$status"
+}
+
+not_listening() {
+    ! ss -Hltn 'sport = :4242' | grep .
+}
+
+# --- fixtures ---------------------------------------------------------------------
+
+: >"$RESULTS"
+ALICE=alice@example.net
+# Postfix's postmap needs a main.cf; dated in the past, or Postfix waits for it to settle.
+mkdir -p "$T/postfix"
+printf 'compatibility_level = 3.6\nmyhostname = tcpmap-test.localdomain\n' >"$T/postfix/main.cf"
+touch -d '1 hour ago' "$T/postfix/main.cf"
+printf 'alice@example.com  %s\nBob@Example.COM  bob@example.net\n' "$ALICE" >"$T/virtual"
+
+# --- install (the previous build), files, units -----------------------------------
+
+check "install $(basename "$PREVIOUS")" install_deb "$PREVIOUS"
+check "install enables tcpmap.socket" is tcpmap.socket is-enabled enabled
+check "install starts tcpmap.socket" is tcpmap.socket is-active active
+check "tcpmap.service is not enabled (static)" is tcpmap.service is-enabled static
+check "install does not start tcpmap.service" is tcpmap.service is-active inactive
+check "tcpmap-socketmap.socket is installed, not enabled" is tcpmap-socketmap.socket is-enabled disabled
+check "install does not start tcpmap-socketmap.socket" is tcpmap-socketmap.socket is-active inactive
+check "installed files" ls -d /usr/bin/tcpmap-build /usr/bin/tcpmap-server /usr/bin/tcpmap-query \
+    /lib/systemd/system/tcpmap.socket /lib/systemd/system/tcpmap.service \
+    /usr/share/man/man1/tcpmap-build.1.gz /usr/share/man/man1/tcpmap-query.1.gz \
+    /usr/share/man/man8/tcpmap-server.8.gz /usr/share/doc/tcpmap-lmdb/README.md.gz \
+    /usr/share/doc/tcpmap-lmdb/examples/virtual /usr/lib/python3/dist-packages/tcpmap_lmdb
+check "/etc/default/tcpmap is a conffile" conffile /etc/default/tcpmap
+check "state directory /var/lib/tcpmap" expect "directory 755 root" stat -c '%F %a %U' /var/lib/tcpmap
+
+# --- build a table, first connection -------------------------------------------------
+
+check "tcpmap-build a table into /var/lib/tcpmap" tcpmap-build -o "$DB" "$T/virtual"
+check "the table is world-readable" expect 644 stat -c %a "$DB"
+check "edit /etc/default/tcpmap" \
+    sed -i 's/^TCPMAP_OPTIONS=.*/TCPMAP_OPTIONS=--idle-timeout 300/' /etc/default/tcpmap
+check "systemctl enable --now tcpmap.socket" systemctl enable --now tcpmap.socket
+check "tcpmap.service not active before the first connection" is tcpmap.service is-active inactive
+check "postmap -q KEY tcp:127.0.0.1:4242 answers" expect "$ALICE" lookup alice@example.com tcp:127.0.0.1:4242
+check "postmap -q KEY tcp:[::1]:4242 answers (key folded)" \
+    expect bob@example.net lookup BOB@example.com 'tcp:[::1]:4242'
+check "the first connection started tcpmap.service" is tcpmap.service is-active active
+check "tcpmap.service runs as a dynamic user, not root" dynamic_user
+check "tcpmap.service runs with the options from /etc/default/tcpmap" runs_with "--idle-timeout 300"
+check "tcpmap.service exposure is at most 1.0 (systemd-analyze security)" \
+    systemd-analyze security --no-pager --threshold=10 tcpmap.service
+
+# --- upgrade to the current build, with a client connecting all along ----------------
+
+before=$(main_pid)
+start_client upgrade
+check "upgrade to $(basename "$CURRENT")" install_deb "$CURRENT"
+stop_client upgrade
+check "upgrade refuses no connection" client_ok upgrade
+# shellcheck disable=SC2016 # ${Version} is dpkg-query's, not the shell's
+check "upgrade installs the new version" \
+    expect "$(dpkg-deb -f "$CURRENT" Version)" dpkg-query -W -f '${Version}' tcpmap-lmdb
+check "upgrade keeps the edit to /etc/default/tcpmap" \
+    grep -qx 'TCPMAP_OPTIONS=--idle-timeout 300' /etc/default/tcpmap
+check "upgrade keeps tcpmap.socket enabled" is tcpmap.socket is-enabled enabled
+check "upgrade restarts the running tcpmap.service" restarted "$before"
+check "the restarted service keeps the edited options" runs_with "--idle-timeout 300"
+
+# --- reload, logs, restart ---------------------------------------------------------
+
+ALICE=alice@example.org
+sed "s/alice@example.net/$ALICE/" "$T/virtual" >"$T/virtual.changed"
+check "tcpmap-build a changed table" tcpmap-build -o "$DB" "$T/virtual.changed"
+check "systemctl reload tcpmap" systemctl reload tcpmap
+check "after the reload the new value is served" expect "$ALICE" lookup alice@example.com tcp:127.0.0.1:4242
+check "journalctl -u tcpmap shows the lifecycle" journal_shows \
+    "inherited socket 'tcp_table' from systemd" "listening on 127.0.0.1:4242" \
+    "listening on [::1]:4242" "opened $DB" "SIGHUP: re-opening $DB" \
+    "stopping: closing listeners" "stopped after"
+
+before=$(main_pid)
+start_client restart
+check "systemctl restart tcpmap" systemctl restart tcpmap
+stop_client restart
+check "systemctl restart refuses no connection" client_ok restart
+check "systemctl restart started a new process" restarted "$before"
+
+# The socketmap socket for a chrooted Postfix joins the same service, once that is stopped.
+check "systemctl stop tcpmap.service" systemctl stop tcpmap.service
+check "systemctl enable --now tcpmap-socketmap.socket" systemctl enable --now tcpmap-socketmap.socket
+check "the socketmap socket is Postfix's, mode 0660" \
+    expect "socket 660 postfix postfix" stat -c '%F %a %U %G' "$SOCKETMAP"
+check "postmap -q KEY socketmap:unix:...:virtual answers" \
+    expect "$ALICE" lookup alice@example.com "socketmap:unix:$SOCKETMAP:virtual"
+check "tcp:127.0.0.1:4242 still answers" expect "$ALICE" lookup alice@example.com tcp:127.0.0.1:4242
+check "no traceback in journalctl -u tcpmap" no_traceback
+
+# --- purge ------------------------------------------------------------------------
+
+dpkg -L tcpmap-lmdb >"$T/dpkg-L.txt"
+check "apt-get purge tcpmap-lmdb" apt-get purge -y -q tcpmap-lmdb </dev/null
+check "purge leaves no file from dpkg -L behind" leftovers
+check "purge removes /etc/default/tcpmap" test ! -e /etc/default/tcpmap
+check "purge removes the socket's enable link" \
+    test ! -e /etc/systemd/system/sockets.target.wants/tcpmap.socket
+check "purge stops tcpmap.service" is tcpmap.service is-active inactive
+check "purge stops tcpmap-socketmap.socket" is tcpmap-socketmap.socket is-active inactive
+check "purge removes the socketmap socket file" test ! -e "$SOCKETMAP"
+check "nothing listens on port 4242 after the purge" not_listening
+check "purge keeps the admin's table in /var/lib/tcpmap" test -f "$DB"
+
+echo "result: $passed passed, $failed failed" >>"$RESULTS"
+cat "$RESULTS"
+[ "$failed" -eq 0 ]

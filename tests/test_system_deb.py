@@ -1,0 +1,194 @@
+"""The Debian package, installed, run, upgraded and purged in a booted Debian 12.
+
+The .deb is built twice (this version, and a newer one for the upgrade), a
+debootstrapped Debian 12 tree (cached between runs) is copied, and the copy is
+booted with systemd-nspawn, systemd as PID 1. There tests/system/inside.sh runs
+from a oneshot unit, writes one line per check to results.txt and powers off.
+Needs root, debootstrap and systemd-nspawn. About 20 s with the tree cached; building
+the tree (debootstrap) adds about a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM = ROOT / "tests" / "system"
+BUDGET = 600.0  # seconds for the whole test: builds, debootstrap, boot and checks
+SUITE = "bookworm"
+# systemd, the package's dependencies and Postfix: the container has no network.
+PACKAGES = (
+    "systemd,systemd-sysv,dbus,python3,python3-gevent,python3-lmdb,python3-systemd,procps,"
+    "postfix,postfix-lmdb,iproute2"
+)
+CACHE = Path("/var/cache/tcpmap-test")
+TEST_DIR = "srv/tcpmap-test"  # in the tree, as inside.sh expects
+UNIT = "tcpmap-system-test.service"
+HOW_TO_ENABLE = (
+    "needs root, debootstrap and systemd-nspawn: "
+    "apt-get install debootstrap systemd-container, and run as root"
+)
+
+
+class Deadline:
+    """The time left of BUDGET, handed to every command as its timeout."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        left = self.end - time.monotonic()
+        assert left > 0, f"the system test took more than {BUDGET:.0f} s"
+        return left
+
+
+def run(argv: list[str], deadline: Deadline, **env: str) -> str:
+    """Run a command within the deadline; its output, or a failure showing it."""
+    result = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=deadline.left(),
+        env={**os.environ, **env},
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(argv)}: exit {result.returncode}\n{output[-5000:]}"
+    return output
+
+
+def require_tools() -> None:
+    if os.geteuid() == 0 and shutil.which("debootstrap") and shutil.which("systemd-nspawn"):
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(HOW_TO_ENABLE, pytrace=False)
+    pytest.skip(HOW_TO_ENABLE)
+
+
+def build_debs(out: Path, deadline: Deadline) -> tuple[Path, Path]:
+    """The package as `make deb` builds it, and the same code as a newer version."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    debs = []
+    for deb_version in (version, f"{version}+test1"):
+        dest = out / deb_version
+        build = ["sh", str(ROOT / "scripts" / "build-deb.sh")]
+        run(build, deadline, TCPMAP_DEB_VERSION=deb_version, TCPMAP_DEB_DEST=str(dest))
+        debs.append(dest / f"tcpmap-lmdb_{deb_version}_all.deb")
+    return debs[0], debs[1]
+
+
+def debian_mirror() -> str:
+    """The Debian mirror this machine's apt uses for SUITE."""
+    fmt = "$(REPO_URI) $(RELEASE)"
+    targets = subprocess.run(
+        ["apt-get", "indextargets", "--format", fmt, "Identifier: Packages"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split("\n")
+    uris = [line.split()[0] for line in targets if line.endswith(f" {SUITE}")]
+    return uris[0] if uris else "http://deb.debian.org/debian"
+
+
+def debian_tree(deadline: Deadline) -> Path:
+    """A minimal Debian tree with PACKAGES, cached outside the checkout, never half built."""
+    mirror = debian_mirror()
+    key = hashlib.sha256(f"{SUITE} {mirror} {PACKAGES}".encode()).hexdigest()[:12]
+    tree = CACHE / f"{SUITE}-{key}"
+    if tree.is_dir():
+        return tree
+    CACHE.mkdir(parents=True, exist_ok=True)
+    building = CACHE / f".{tree.name}.{os.getpid()}"
+    try:
+        debootstrap = ["debootstrap", "--variant=minbase", f"--include={PACKAGES}"]
+        run([*debootstrap, SUITE, str(building), mirror], deadline)
+        building.rename(tree)  # atomic: an interrupted run leaves no half cache
+    finally:
+        remove(building)
+    for stale in CACHE.glob(f"{SUITE}-*"):  # trees for other package lists
+        if stale != tree:
+            remove(stale)
+    return tree
+
+
+def remove(path: Path) -> None:
+    # --one-file-system: never into a /proc or /dev an interrupted debootstrap left mounted.
+    subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
+
+
+def prepare(tree: Path, root: Path, previous: Path, current: Path) -> None:
+    """A fresh copy of the tree, with the debs, the checks and their unit enabled."""
+    subprocess.run(["cp", "-a", str(tree), str(root)], check=True)
+    test_dir = root / TEST_DIR
+    for name, deb in (("previous", previous), ("current", current)):
+        (test_dir / name).mkdir(parents=True)
+        shutil.copy2(deb, test_dir / name)
+    shutil.copy2(SYSTEM / "inside.sh", test_dir)
+    shutil.copy2(SYSTEM / "client.py", test_dir)
+    shutil.copy2(SYSTEM / UNIT, root / "etc/systemd/system")
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(exist_ok=True)
+    (wants / UNIT).symlink_to(f"/etc/systemd/system/{UNIT}")
+
+
+def boot(root: Path, deadline: Deadline) -> str:
+    """Boot the tree until the checks power it off; the console output."""
+    seconds = int(deadline.left())
+    nspawn = ["systemd-nspawn", "-D", str(root), "--register=no", "--keep-unit"]
+    result = subprocess.run(
+        # timeout sends SIGTERM first: nspawn then shuts the container down.
+        ["timeout", "--kill-after=15", str(seconds), *nspawn, "--private-network", "-b"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=False,
+    )
+    return f"exit {result.returncode}\n{result.stdout}{result.stderr}"
+
+
+def journal(root: Path) -> str:
+    directory = root / "var/log/journal"
+    argv = ["journalctl", "-D", str(directory), "--no-pager", "-o", "short-monotonic"]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return result.stdout + result.stderr
+
+
+def all_passed(results: str) -> bool:
+    """Only "ok" lines, and the summary line that inside.sh writes last counts them."""
+    *checks, summary = results.splitlines() or [""]
+    return (
+        bool(checks)
+        and all(line.startswith("ok ") for line in checks)
+        and summary == f"result: {len(checks)} passed, 0 failed"
+    )
+
+
+def test_package_installs_runs_upgrades_and_purges(tmp_path: Path) -> None:
+    """Every check of tests/system/inside.sh passes in a booted Debian 12."""
+    require_tools()
+    deadline = Deadline(BUDGET)
+    previous, current = build_debs(tmp_path / "debs", deadline)
+    tree = debian_tree(deadline)
+    root = tmp_path / "root"
+    try:
+        prepare(tree, root, previous, current)
+        console = boot(root, deadline)
+        results_file = root / TEST_DIR / "results.txt"
+        results = results_file.read_text() if results_file.exists() else "(no results.txt)"
+        if not all_passed(results):
+            pytest.fail(
+                f"system test failed:\n{results}\n--- console ---\n{console[-4000:]}\n"
+                f"--- journal of the container (tail) ---\n{journal(root)[-30000:]}",
+                pytrace=False,
+            )
+    finally:
+        remove(root)
