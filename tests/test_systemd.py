@@ -251,6 +251,9 @@ def test_restart_with_the_same_socket_refuses_no_connection(
             except OSError as exc:  # reset by a stopping server: Postfix retries
                 outcomes.append(f"retry: {exc}")
                 continue
+            if reply == b"":  # closed before answering: Postfix reconnects and asks again
+                outcomes.append("retry: EOF")
+                continue
             outcomes.append("ok" if reply == b"200 alice@example.net\n" else f"bad {reply!r}")
 
     thread = threading.Thread(target=client)
