@@ -7,7 +7,7 @@ clock or a logger.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAX_REPLY = 4096  # tcp_table(5): "no longer than 4096 characters including the newline"
 # Longest request line we buffer, LF included. The longest key LMDB can hold is
@@ -66,13 +66,12 @@ def unquote(data: bytes) -> bytes:
 # --- requests ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Get:
+# NamedTuples, not dataclasses: one is built per request, and this is the hot path.
+class Get(NamedTuple):
     key: bytes  # decoded, not yet folded
 
 
-@dataclass(frozen=True, slots=True)
-class Put:
+class Put(NamedTuple):
     key: bytes
     value: bytes
 

@@ -91,47 +91,36 @@ class Server:
     ) -> None:
         self.connections += 1
         session = new_session()
-        idle_timeout = self._config.idle_timeout
         current = gevent.getcurrent()
         assert isinstance(current, gevent.Greenlet)  # StreamServer spawns one per connection
-        # The idle clock restarts only when a complete request has been answered:
-        # bytes trickled without a newline (slowloris) do not keep a connection,
-        # and neither does a client that stops reading its replies.
-        deadline = time.monotonic() + idle_timeout
+        watch = _IdleWatch(self._config.idle_timeout)
         try:
             while not self._stopping:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    log.debug("%s: idle for %ss, closing", format_address(address), idle_timeout)
-                    return
-                # A new timer each time: a cancelled gevent.Timeout that is started
-                # again only runs for what was left of its time (libev semantics).
-                timer = gevent.Timeout(remaining)
-                timer.start()
                 try:
                     data = self._receive(sock, current)
-                    if not data:
-                        return
-                    answered, keep_open = self._serve(sock, address, session, data)
-                    if not keep_open:
-                        return
-                    if answered:
-                        deadline = time.monotonic() + idle_timeout
-                except gevent.Timeout as exc:
-                    if exc is not timer:
+                except _IdleTimeout as exc:
+                    if watch.expired(exc):
                         raise
-                    continue  # the deadline has passed: the loop closes the connection
-                finally:
-                    timer.close()
+                    continue  # not idle after all: the watch is re-armed, read on
+                if not data:
+                    return
+                answered, keep_open = self._serve(sock, address, session, data, watch)
+                if not keep_open:
+                    return
+                if answered:
+                    watch.touch()
             # Shutting down: answer requests that already arrived, then close.
             pending = _read_pending(sock)
             if pending:
-                self._serve(sock, address, session, pending)
+                self._serve(sock, address, session, pending, watch)
+        except _IdleTimeout:  # silent, or not reading its replies
+            log.debug("%s: idle for %ss, closing", format_address(address), watch.idle)
         except OSError as exc:
             log.debug("%s: %s", format_address(address), exc)
         except _Stopping:
             pass  # the kill landed after recv returned: the connection just closes
         finally:
+            watch.close()
             self.connections -= 1
 
     def _receive(self, sock: gevent.socket.socket, current: gevent.Greenlet[..., None]) -> bytes:
@@ -145,7 +134,12 @@ class Server:
             self._idle.discard(current)
 
     def _serve(
-        self, sock: gevent.socket.socket, address: object, session: Session, data: bytes
+        self,
+        sock: gevent.socket.socket,
+        address: object,
+        session: Session,
+        data: bytes,
+        watch: _IdleWatch,
     ) -> tuple[int, bool]:
         """Answer every complete request in DATA: (requests answered, keep the connection?)."""
         answered = 0
@@ -153,12 +147,69 @@ class Server:
             answered += output.requests
             self.lookups += output.requests
             if output.replies:
-                sock.sendall(output.replies)
+                _send_all(sock, output.replies, watch)
             if output.close is not None:
                 peer = format_address(address)
                 log.warning("%s: %s, closing", peer, output.close, extra={"CLIENT": peer})
                 return answered, False
         return answered, True
+
+
+class _IdleTimeout(Exception):
+    """Raised into a connection's greenlet by its _IdleWatch."""
+
+
+class _IdleWatch:
+    """The idle timeout of one connection: one gevent.Timeout per idle period.
+
+    The clock restarts only when a complete request has been answered, so bytes
+    trickled without a newline (slowloris) do not keep a connection, and neither
+    does a client that stops reading its replies. Restarting a gevent.Timeout
+    for every request would cost more than the lookup (and a cancelled one that
+    is started again only runs for what was left of its time, libev semantics).
+    So a request only notes the time; when the Timeout fires on a connection
+    that was busy meanwhile, it is re-armed for the rest of the period.
+    """
+
+    __slots__ = ("_exception", "_timer", "idle", "last")
+
+    def __init__(self, idle: float) -> None:
+        self.idle = idle
+        self.last = time.monotonic()
+        self._exception = _IdleTimeout()
+        self._timer = gevent.Timeout(idle, self._exception)
+        self._timer.start()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def expired(self, exc: _IdleTimeout) -> bool:
+        """After EXC fired: True if the connection is idle; else re-arm and go on."""
+        if exc is not self._exception:
+            raise exc
+        remaining = self.last + self.idle - time.monotonic()
+        if remaining <= 0:
+            return True
+        self._timer.close()
+        self._timer = gevent.Timeout(remaining, self._exception)
+        self._timer.start()
+        return False
+
+    def close(self) -> None:
+        self._timer.close()
+
+
+def _send_all(sock: gevent.socket.socket, data: bytes, watch: _IdleWatch) -> None:
+    """sendall() that survives the idle watch firing while a busy client reads slowly."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except _IdleTimeout as exc:
+            if watch.expired(exc):
+                raise
+            continue  # nothing was sent by the interrupted call: send it again
+        view = view[sent:]
 
 
 def session_factory(binding: Binding, maps: Maps, config: ServerConfig) -> SessionFactory:

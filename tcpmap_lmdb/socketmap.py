@@ -8,7 +8,7 @@ quoting, case preserved); a reply is ``OK value``, ``NOTFOUND ``, ``TEMP reason`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # dict_sockmap.c DICT_SOCKMAP_DEF_MAX_REPLY: the reply payload limit, framing
 # not counted. Postfix >= 3.10 lets admins change it (socketmap_max_reply_size);
@@ -31,8 +31,7 @@ class NetstringError(ValueError):
         self.payloads = payloads or []
 
 
-@dataclass(frozen=True, slots=True)
-class Lookup:
+class Lookup(NamedTuple):  # one per request: a NamedTuple is cheapest
     name: bytes
     key: bytes
 

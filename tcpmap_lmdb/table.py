@@ -232,7 +232,7 @@ class LiveTable:
     def refresh(self, *, force: bool = False) -> None:
         """Reopen if the file at the path is not the one we hold (or if forced)."""
         try:
-            current = Signature.of(os.stat(self.path))
+            st = os.stat(self.path)
         except OSError as exc:
             missing = exc.errno == errno.ENOENT
             reason = f"{self.path} is missing" if missing else f"{self.path}: {exc.strerror}"
@@ -240,8 +240,18 @@ class LiveTable:
                 self._drop(reason)
             self._seen = None
             return
-        if current == self._seen and not force:
+        seen = self._seen
+        if (  # the hot path, once per lookup: compare without building a Signature
+            not force
+            and seen is not None
+            and st.st_ino == seen.ino
+            and st.st_mtime_ns == seen.mtime_ns
+            and st.st_size == seen.size
+            and st.st_ctime_ns == seen.ctime_ns
+            and st.st_dev == seen.dev
+        ):
             return
+        current = Signature.of(st)
         self._seen = current
         self._reopen(current)
 
