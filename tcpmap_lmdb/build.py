@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import secrets
 import signal
 import stat
@@ -161,10 +162,12 @@ def write_table(
 
 def _remove_stale_temporaries(target: Path) -> None:
     """Remove temporary files that killed builds (SIGKILL, power loss) left behind."""
-    prefix = f".{target.name}."
-    for path in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-        pid = path.name[len(prefix) :].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    # Exactly our own names, .NAME.PID.HEX.tmp: not those of a table whose
+    # name merely starts with NAME (map.lmdb vs map.lmdb.20240101).
+    ours = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[0-9a-f]{{12}}\.tmp")
+    for path in target.parent.glob(f"{glob.escape(f'.{target.name}.')}*.tmp"):
+        match = ours.fullmatch(path.name)
+        if match is not None and not _alive(int(match.group(1))):
             path.unlink(missing_ok=True)
 
 
@@ -390,7 +393,18 @@ def _publish(target: Path, records: dict[bytes, bytes], info: BuildInfo) -> None
     except OSError as exc:
         raise _Failed(f"{target}: {exc.strerror or exc}") from exc
     except lmdb.Error as exc:  # e.g. "mdb_txn_commit: No space left on device"
-        raise _Failed(f"{target}: {exc}") from exc
+        raise _Failed(f"{target}: {_disk_full_or(target, exc)}") from exc
+
+
+def _disk_full_or(target: Path, exc: lmdb.Error) -> str:
+    """LMDB reports a short write on a full disk as EIO: say what it really is."""
+    try:
+        fs = os.statvfs(target.parent)
+    except OSError:
+        return str(exc)
+    if fs.f_bavail * fs.f_frsize < 1 << 20:  # under 1 MiB left for us
+        return f"No space left on device ({exc})"
+    return str(exc)
 
 
 def _same_file(source: str, target: Path) -> bool:

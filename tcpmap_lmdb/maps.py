@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from .table import LiveTable
+from .table import Checker, LiveTable
 
 SUFFIX = ".lmdb"
 # What a map name may be: it becomes a file name, so no '/', no leading dot.
@@ -41,17 +41,19 @@ class Maps:
         *,
         fold_keys: bool | None = None,
         warm: bool = True,
+        check: Checker | None = None,
     ) -> None:
         self.directory = directory
         self._fold_keys = fold_keys
         self._warm = warm
+        self._check = check
         self._fixed = dict(tables or {})
         self._open: dict[str, LiveTable] = {}
         for name, path in self._fixed.items():
             self._open[name] = self._live(path)
 
     def _live(self, path: Path) -> LiveTable:
-        return LiveTable(path, fold_keys=self._fold_keys, warm=self._warm)
+        return LiveTable(path, fold_keys=self._fold_keys, warm=self._warm, check=self._check)
 
     def get(self, name: str) -> LiveTable:
         """The map called NAME; raises UnknownMap when there is none."""

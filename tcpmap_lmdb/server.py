@@ -15,6 +15,7 @@ import gevent.pool
 import gevent.socket
 from gevent.server import StreamServer
 
+from . import verify
 from .config import SOCKETMAP, Binding, ServerConfig
 from .listeners import Endpoint, format_address, open_endpoints, remove_socket_files
 from .maps import Maps, UnknownMap
@@ -271,7 +272,10 @@ def run(config: ServerConfig) -> int:
     """Open the tables, listen, serve until SIGTERM/SIGINT; SIGHUP re-opens the tables."""
     notifier = Notifier()
     tables = {config.db_name: config.db} if config.db and config.db_name else {}
-    maps = Maps(tables, config.maps, fold_keys=config.fold_keys, warm=True)
+    # Each newly published file is walked by a child process before it is
+    # served (verify.py); the hub keeps serving the current file meanwhile.
+    check = verify.in_child(gevent.sleep, forget=lambda: maps.close())  # noqa: PLW0108 - maps is bound below
+    maps = Maps(tables, config.maps, fold_keys=config.fold_keys, warm=True, check=check)
     maps.open_all()  # open and warm before READY: a cold first lookup stalls the hub
     endpoints = open_endpoints(config)
     server = Server(config, maps, endpoints)

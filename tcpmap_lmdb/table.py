@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ _WARM_CHUNK = 1 << 20
 
 class TableError(Exception):
     """The table cannot answer: missing, unreadable, corrupt. Maps to 400."""
+
+
+# Checks a newly published file (PATH, an fd open on it) before it is served;
+# raises TableError. See verify.py.
+Checker = Callable[[Path, int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,16 +76,17 @@ class Table:
         self._txn = env.begin() if info else None
 
     @classmethod
-    def open(cls, path: Path, *, fold_keys: bool | None = None, warm: bool = False) -> Table:
+    def open(
+        cls, path: Path, *, fold_keys: bool | None = None, warm: bool = False, fd: int | None = None
+    ) -> Table:
         """Open PATH read-only; raises TableError with a reason an admin can act on.
 
         fold_keys overrides folding; by default it comes from the build record,
-        or is on for files without one (postmap's default).
+        or is on for files without one (postmap's default). With FD (from
+        open_file), the table takes it over, and closes it on failure too.
         """
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise TableError(f"cannot open {path}: {exc.strerror}") from None
+        if fd is None:
+            fd = open_file(path)
         try:
             return cls._open_fd(path, fd, fold_keys, warm)
         except BaseException:
@@ -95,7 +102,12 @@ class Table:
             _warm(fd, st.st_size)
         try:
             env = lmdb.open(
-                str(path), subdir=False, readonly=True, lock=False, max_dbs=0, max_readers=1
+                _same_file(path, fd),
+                subdir=False,
+                readonly=True,
+                lock=False,
+                max_dbs=0,
+                max_readers=1,
             )
         except lmdb.Error as exc:
             raise TableError(f"{path} is not a readable LMDB file: {_reason(exc)}") from None
@@ -106,6 +118,8 @@ class Table:
             try:
                 _check_size(path, env, st.st_size)
                 info = _read_info(env)
+            except lmdb.Error as exc:
+                raise TableError(f"{path} is corrupt: {_reason(exc)}") from None
             finally:
                 fcntl.lockf(fd, fcntl.LOCK_UN)
         except BaseException:
@@ -151,6 +165,17 @@ class Table:
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
+    def walk(self) -> int:
+        """Read every record (every page a lookup can reach); how many there are."""
+        count = 0
+        try:
+            with self._env.begin() as txn:
+                for _record in txn.cursor():  # each key and value is copied out
+                    count += 1
+        except lmdb.Error as exc:
+            raise TableError(f"{self.path} is corrupt: {_reason(exc)}") from None
+        return count
+
     def describe(self) -> str:
         syntax = f"{self.info.syntax} syntax" if self.info else "built by Postfix"
         folding = "folded" if self.folded else "case-sensitive"
@@ -162,6 +187,20 @@ class Table:
             self._txn = None
         self._env.close()
         os.close(self._fd)
+
+
+def open_file(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TableError(f"cannot open {path}: {exc.strerror}") from None
+
+
+def _same_file(path: Path, fd: int) -> str:
+    """A path to the very file FD is open on: the path itself may be renamed over
+    between os.open() and lmdb.open(); /proc/self/fd/N cannot be."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else str(path)
 
 
 def _warm(fd: int, size: int) -> None:
@@ -207,10 +246,19 @@ class LiveTable:
     missing or bad, lookups raise TableError; a good file is picked up by itself.
     """
 
-    def __init__(self, path: Path, *, fold_keys: bool | None = None, warm: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        fold_keys: bool | None = None,
+        warm: bool = True,
+        check: Checker | None = None,
+    ) -> None:
         self.path = path
         self._fold_keys = fold_keys
         self._warm = warm
+        self._check = check
+        self._refreshing = False
         self._table: Table | None = None
         self._seen: Signature | None = None  # what we last tried to open
         self._error = f"{path} has not been opened yet"
@@ -231,6 +279,8 @@ class LiveTable:
 
     def refresh(self, *, force: bool = False) -> None:
         """Reopen if the file at the path is not the one we hold (or if forced)."""
+        if self._refreshing:
+            return  # a check of the new file is running: serve the current one meanwhile
         try:
             st = os.stat(self.path)
         except OSError as exc:
@@ -256,22 +306,32 @@ class LiveTable:
         self._reopen(current)
 
     def _reopen(self, current: Signature) -> None:
-        old = self._table
-        # lmdb 3 refuses a second open of the same inode: close first then.
-        if old is not None and old.signature.ino == current.ino:
-            old.close()
-            old = self._table = None
+        self._refreshing = True
         try:
-            new = Table.open(self.path, fold_keys=self._fold_keys, warm=self._warm)
+            fd = open_file(self.path)
+            try:
+                if self._check is not None:
+                    self._check(self.path, fd)  # may yield: the old table serves meanwhile
+            except BaseException:
+                os.close(fd)
+                raise
+            # Close the old table first. python-lmdb 3 refuses to open an inode
+            # it already has open, and after a quick series of renames the file
+            # now at the path may be one we hold. A lookup never yields midway,
+            # so none is in flight here.
+            if self._table is not None:
+                self._table.close()
+                self._table = None
+            new = Table.open(self.path, fold_keys=self._fold_keys, warm=self._warm, fd=fd)
         except TableError as exc:
-            self._drop(str(exc))  # closes the old table too
+            self._drop(str(exc))
             return
+        finally:
+            self._refreshing = False
         self._table = new
         # Record what we opened, not what we statted: if the file moved again
         # in between, the next lookup sees the difference and reopens.
         self._seen = new.signature
-        if old is not None:
-            old.close()
         log.info("opened %s", new.describe(), extra={"TABLE": str(self.path)})
 
     def _drop(self, reason: str) -> None:
