@@ -9,6 +9,7 @@ renamed onto it, so readers see either the old table or the complete new one
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import os
 import re
@@ -147,7 +148,14 @@ def write_table(
         except FileExistsError:
             ours = False  # someone else's file, however unlikely: leave it alone
             raise
-        _write_lmdb(tmp, records, info.encode(), map_size or _estimate_map_size(records))
+        try:
+            _write_lmdb(tmp, records, info.encode(), map_size or _estimate_map_size(records))
+        except lmdb.Error as exc:
+            # LMDB reports a short write on a full disk as EIO. Look while the
+            # temporary still holds the space: once it is removed, it is free again.
+            if _nearly_full(fd):
+                raise OSError(errno.ENOSPC, f"No space left on device ({exc})") from exc
+            raise
         os.fsync(fd)
         os.fchmod(fd, mode)  # created 0600; the server user must be able to read it
         os.replace(tmp, target)
@@ -393,18 +401,15 @@ def _publish(target: Path, records: dict[bytes, bytes], info: BuildInfo) -> None
     except OSError as exc:
         raise _Failed(f"{target}: {exc.strerror or exc}") from exc
     except lmdb.Error as exc:  # e.g. "mdb_txn_commit: No space left on device"
-        raise _Failed(f"{target}: {_disk_full_or(target, exc)}") from exc
+        raise _Failed(f"{target}: {exc}") from exc
 
 
-def _disk_full_or(target: Path, exc: lmdb.Error) -> str:
-    """LMDB reports a short write on a full disk as EIO: say what it really is."""
+def _nearly_full(fd: int) -> bool:
     try:
-        fs = os.statvfs(target.parent)
+        fs = os.fstatvfs(fd)
     except OSError:
-        return str(exc)
-    if fs.f_bavail * fs.f_frsize < 1 << 20:  # under 1 MiB left for us
-        return f"No space left on device ({exc})"
-    return str(exc)
+        return False
+    return fs.f_bavail * fs.f_frsize < 1 << 20  # under 1 MiB left for us
 
 
 def _same_file(source: str, target: Path) -> bool:

@@ -44,6 +44,10 @@ def in_child(
         try:
             status = _wait(pid, sleep)
             reason = os.read(reader, _MAX_REASON).decode("utf-8", "replace")
+        except BaseException:  # the server is stopping: the check dies with it
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
         finally:
             os.close(reader)
         if os.WIFSIGNALED(status):
@@ -58,6 +62,7 @@ def in_child(
 def _child(path: Path, fd: int, writer: int, forget: Callable[[], None]) -> int:
     try:
         forget()
+        _close_all_but(fd, writer)  # client and listening sockets belong to the server
         table = Table.open(path, fd=os.dup(fd))
         try:
             table.walk()
@@ -69,6 +74,19 @@ def _child(path: Path, fd: int, writer: int, forget: Callable[[], None]) -> int:
     except Exception as exc:  # any failure means: do not serve this file
         os.write(writer, f"{path} failed its check: {exc}".encode()[:_MAX_REASON])
     return _FAILED
+
+
+def _close_all_but(*keep: int) -> None:
+    """Close every descriptor but KEEP; stdin, stdout and stderr go to /dev/null."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        os.dup2(null, std)
+    low = 3
+    for fd in sorted({*keep, null}):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    os.close(null)
 
 
 def _wait(pid: int, sleep: Callable[[float], object]) -> int:
