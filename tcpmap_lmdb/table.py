@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,12 @@ from typing import Any
 import lmdb
 
 from .dbformat import MAX_KEY_BYTES, META_KEY, BuildInfo, fold
+from .watch import DirectoryWatch, watch
 
 log = logging.getLogger(__name__)
 
 _WARM_CHUNK = 1 << 20
+_RECHECK = 1.0  # seconds: stat at least this often even if the watch saw nothing
 
 
 class TableError(Exception):
@@ -241,8 +244,9 @@ def _reason(exc: BaseException) -> str:
 class LiveTable:
     """The table at a path, reopened whenever the file there changes.
 
-    Every lookup stats the path first (about a microsecond), so a table
-    published by rename is served from the very next lookup. While the file is
+    Every lookup first looks for a change at the path (watch.py: an inotify
+    watch on the directory, a stat when it saw something), so a table published
+    by rename is served from the very next lookup. While the file is
     missing or bad, lookups raise TableError; a good file is picked up by itself.
     """
 
@@ -253,12 +257,16 @@ class LiveTable:
         fold_keys: bool | None = None,
         warm: bool = True,
         check: Checker | None = None,
+        watch_directory: bool = True,
     ) -> None:
         self.path = path
         self._fold_keys = fold_keys
         self._warm = warm
         self._check = check
         self._refreshing = False
+        self._watching = watch_directory
+        self._watch: DirectoryWatch | None = None
+        self._checked = 0.0  # when the path was last stat-ed
         self._table: Table | None = None
         self._seen: Signature | None = None  # what we last tried to open
         self._error = f"{path} has not been opened yet"
@@ -272,7 +280,16 @@ class LiveTable:
         return None if self._table else self._error
 
     def lookup(self, key: bytes) -> bytes | None:
-        self.refresh()
+        # Stat only when the directory's watch saw something happen, or once a
+        # second anyway; and always while there is no good table.
+        watch = self._watch
+        if (
+            watch is None
+            or self._table is None
+            or watch.changed()
+            or time.monotonic() - self._checked > _RECHECK
+        ):
+            self.refresh()
         if self._table is None:
             raise TableError(self._error)
         return self._table.get(key)
@@ -280,7 +297,13 @@ class LiveTable:
     def refresh(self, *, force: bool = False) -> None:
         """Reopen if the file at the path is not the one we hold (or if forced)."""
         if self._refreshing:
-            return  # a check of the new file is running: serve the current one meanwhile
+            # A check of the new file is running: serve the current one meanwhile,
+            # and look again on the next lookup (what the watch saw is consumed).
+            self._checked = 0.0
+            return
+        if self._watch is None and self._watching:
+            self._watch = watch(self.path.parent)
+        self._checked = time.monotonic()
         try:
             st = os.stat(self.path)
         except OSError as exc:
@@ -346,3 +369,6 @@ class LiveTable:
         if self._table is not None:
             self._table.close()
             self._table = None
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
