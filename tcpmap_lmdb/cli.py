@@ -9,8 +9,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import __version__
-from .build import main as build_main
-from .client import LookupFailed, connect
 from .config import (
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
@@ -25,6 +23,13 @@ from .config import (
 from .table import Table, TableError
 
 __all__ = ["build_main", "query_main", "server_main"]
+
+
+def build_main(argv: list[str] | None = None) -> int:
+    """tcpmap-build (in build.py; imported here only when used)."""
+    from .build import main  # noqa: PLC0415 - the server starts faster without it
+
+    return main(argv)
 
 
 def _address(text: str) -> Address:
@@ -185,6 +190,8 @@ def _keys(arguments: list[str]) -> Iterator[bytes]:
 
 
 def query_main(argv: list[str] | None = None) -> int:
+    from .client import LookupFailed  # noqa: PLC0415 - the server starts faster without it
+
     args = query_parser().parse_args(argv)
     # Like postmap: one key given prints the value; a list prints KEY<TAB>VALUE.
     one_key = len(args.keys) == 1 and args.keys[0] != "-"
@@ -214,6 +221,8 @@ def _lookup_function(args: argparse.Namespace) -> Iterator[Callable[[bytes], byt
         finally:
             table.close()
     else:
+        from .client import LookupFailed, connect  # noqa: PLC0415
+
         try:
             client = connect(args.server)
         except ValueError as exc:

@@ -345,7 +345,9 @@ class LiveTable:
             if self._table is not None:
                 self._table.close()
                 self._table = None
-            new = Table.open(self.path, fold_keys=self._fold_keys, warm=self._warm, fd=fd)
+            # A check has just read the whole file: the page cache is warm already.
+            warm = self._warm and self._check is None
+            new = Table.open(self.path, fold_keys=self._fold_keys, warm=warm, fd=fd)
         except TableError as exc:
             self._drop(str(exc))
             return
