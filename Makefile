@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXAMPLE := examples/virtual
 EXAMPLE_DB := build/virtual.lmdb
 
-.PHONY: venv run test check test-debian-stack fuzz system-deps clean deb
+.PHONY: venv run test check test-debian-stack fuzz system-deps clean deb bench
 
 venv: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ fuzz: venv
 
 deb:
 	sh scripts/build-deb.sh
+
+# About 6 minutes (plus about 2 the first time, for the 10M-key table): tests/bench/.
+bench: venv
+	sh scripts/system-deps.sh test
+	$(BIN)/python -m tests.bench
 
 clean:
 	rm -rf $(VENV) .venv-debian .venv-bench build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis

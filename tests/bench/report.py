@@ -1,0 +1,398 @@
+"""Results of one bench run: medians, the table (text and markdown), the chart, the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .data import HIT_RATIO
+from .procs import Run
+
+ROOT = Path(__file__).resolve().parents[2]
+SCALE_CONNECTIONS = (16, 64)
+# Targets of issue 5: (connections, minimum ratio of lookups/s to Twisted's).
+RATE_TARGETS = {1: 1.3, 16: 2.0, 64: 2.0}
+P99_TARGET = (64, 0.5)  # p99 at 64 connections at most half of Twisted's
+RSS_TARGET_MIB = 64.0
+COLD_TARGET_MS = 150.0
+SCALE_TARGET = 0.90  # 10M-key lookups/s at least 90% of the 1M-key figure
+HEADROOM_TARGET = 3.0  # the load generator drives the trivial responder this far past us
+LABELS = {"tcpmap": "tcpmap-server", "twisted": "Twisted", "trivial": "trivial (C)"}
+Memory = tuple[dict[str, int], dict[str, int]]  # (idle server, with the connections)
+
+
+@dataclass
+class Row:
+    measure: str
+    ours: str
+    peer: str = "-"
+    ceiling: str = "-"
+    ratio: str = "-"
+    of_ceiling: str = "-"
+    target: str = "-"
+    holds: bool | None = None
+
+
+@dataclass
+class Results:
+    repeats: int
+    seconds: float
+    connections: list[int]
+    runs: dict[tuple[str, int], list[Run]] = field(default_factory=dict)
+    builds: dict[str, list[float]] = field(default_factory=dict)
+    memory: dict[str, list[Memory]] = field(default_factory=dict)
+    cold: list[float] = field(default_factory=list)
+    machine: str = ""
+    elapsed: float = 0.0
+    server_path: str = ""
+
+    def add_run(self, name: str, conns: int, run: Run) -> None:
+        self.runs.setdefault((name, conns), []).append(run)
+
+    def median(self, name: str, conns: int, attribute: str) -> float | None:
+        runs = self.runs.get((name, conns))
+        if not runs:
+            return None
+        values: list[float] = [getattr(run, attribute) for run in runs]
+        return statistics.median(values)
+
+    def rows(self) -> list[Row]:
+        rows: list[Row] = []
+        for conns in self.connections:
+            rows += self._lookup_rows(conns)
+        rows += self._headroom_rows()
+        rows += self._scale_rows()
+        rows += self._socketmap_rows()
+        rows += self._build_rows()
+        rows += self._memory_rows()
+        if self.cold:
+            cold = statistics.median(self.cold)
+            rows.append(
+                Row(
+                    "cold start to first reply, ms",
+                    f"{cold:.0f}",
+                    target=f"<= {COLD_TARGET_MS:.0f} ms",
+                    holds=cold <= COLD_TARGET_MS,
+                )
+            )
+        return rows
+
+    def _lookup_rows(self, conns: int) -> list[Row]:
+        ours, peer, ceiling = (self.median(n, conns, "rate") for n in LABELS)
+        if ours is None:
+            return []
+        plural = "s" if conns > 1 else ""
+        rate = Row(f"lookups/s, {conns} connection{plural}", _k(ours), _k(peer), _k(ceiling))
+        rate.ratio, rate.of_ceiling = _ratio(ours, peer), _ratio(ours, ceiling)
+        if conns in RATE_TARGETS and peer:
+            rate.target = f">= {RATE_TARGETS[conns]:.1f}x Twisted"
+            rate.holds = ours / peer >= RATE_TARGETS[conns]
+        ours_lat, peer_lat, ceiling_lat = (self._latency(name, conns) for name in LABELS)
+        latency = Row(
+            f"p50 / p99 / p99.9 us, {conns} connection{plural}", ours_lat, peer_lat, ceiling_lat
+        )
+        if conns == P99_TARGET[0]:
+            ours_p99, peer_p99 = (
+                self.median("tcpmap", conns, "p99"),
+                self.median("twisted", conns, "p99"),
+            )
+            if ours_p99 is not None and peer_p99:
+                latency.ratio = f"p99 {ours_p99 / peer_p99:.2f}x"
+                latency.target = f"p99 <= {P99_TARGET[1]}x Twisted"
+                latency.holds = ours_p99 / peer_p99 <= P99_TARGET[1]
+        return [rate, latency]
+
+    def _latency(self, name: str, conns: int) -> str:
+        values = [self.median(name, conns, a) for a in ("p50", "p99", "p999")]
+        if any(v is None for v in values):
+            return "-"
+        return " / ".join(f"{v:.0f}" for v in values if v is not None)
+
+    def _headroom_rows(self) -> list[Row]:
+        ours = {c: r for c in self.connections if (r := self.median("tcpmap", c, "rate"))}
+        ceiling = [r for c in self.connections if (r := self.median("trivial", c, "rate"))]
+        if not ours or not ceiling:
+            return []
+        peak = max(ours, key=ours.__getitem__)
+        loadgen = self.median("tcpmap", peak, "loadgen_cpu") or 0.0
+        server = self.median("tcpmap", peak, "server_cpu") or 0.0
+        ratio = max(ceiling) / ours[peak]
+        return [
+            Row(
+                f"peak lookups/s (at {peak}: server CPU {server:.0%}, loadgen CPU {loadgen:.0%})",
+                _k(ours[peak]),
+                ceiling=_k(max(ceiling)),
+                of_ceiling=_ratio(ours[peak], max(ceiling)),
+                target=f"trivial >= {HEADROOM_TARGET:.0f}x ours",
+                holds=ratio >= HEADROOM_TARGET,
+            )
+        ]
+
+    def _scale_rows(self) -> list[Row]:
+        rows = []
+        for conns in SCALE_CONNECTIONS:
+            large, small = (self.median(n, conns, "rate") for n in ("tcpmap-10M", "tcpmap"))
+            if large is None or not small:
+                continue
+            rows.append(
+                Row(
+                    f"lookups/s, 10M keys (peer: 1M keys), {conns} connections",
+                    _k(large),
+                    _k(small),
+                    ratio=_ratio(large, small),
+                    target=f">= {SCALE_TARGET:.2f}x",
+                    holds=large / small >= SCALE_TARGET,
+                )
+            )
+        return rows
+
+    def _socketmap_rows(self) -> list[Row]:
+        """The same server and table over socketmap_table(5), against tcp_table."""
+        rows = []
+        for conns in SCALE_CONNECTIONS:
+            sockmap, tcp = (self.median(n, conns, "rate") for n in ("tcpmap-socketmap", "tcpmap"))
+            if sockmap is None or not tcp:
+                continue
+            p50, p99 = (self.median("tcpmap-socketmap", conns, a) for a in ("p50", "p99"))
+            latency = f" (p50 {p50:.0f} / p99 {p99:.0f} us)" if p50 and p99 else ""
+            rows.append(
+                Row(
+                    f"socketmap lookups/s (peer: tcp_table), {conns} connections",
+                    _k(sockmap) + latency,
+                    _k(tcp),
+                    ratio=_ratio(sockmap, tcp),
+                )
+            )
+        return rows
+
+    def _build_rows(self) -> list[Row]:
+        ours, peer = self.builds.get("tcpmap-build"), self.builds.get("postmap")
+        if not ours or not peer:
+            return []
+        mine, theirs = statistics.median(ours), statistics.median(peer)
+        return [
+            Row(
+                "build records/s, 1M lines (peer: postmap lmdb:)",
+                _k(mine),
+                _k(theirs),
+                ratio=_ratio(mine, theirs),
+                target=">= 1.0x postmap",
+                holds=mine >= theirs,
+            )
+        ]
+
+    def _memory_rows(self) -> list[Row]:
+        ours, peer = self.memory.get("tcpmap"), self.memory.get("twisted")
+        if not ours:
+            return []
+        rss = _mib([held["VmRSS"] for _, held in ours])
+        theirs = _mib([held["VmRSS"] for _, held in peer]) if peer else None
+        private = _mib([held["VmRSS"] - held["RssTable"] for _, held in ours])
+        return [
+            Row(
+                "RSS MiB, 10,000 idle connections, 1M keys",
+                f"{rss:.1f}",
+                f"{theirs:.1f}" if theirs else "-",
+                ratio=_ratio(rss, theirs),
+                target=f"<= {RSS_TARGET_MIB:.0f} MiB",
+                holds=rss <= RSS_TARGET_MIB,
+            ),
+            Row(
+                "  the same less the table's mmap (shared page cache), MiB",
+                f"{private:.1f}",
+                f"{theirs:.1f}" if theirs else "-",
+                ratio=_ratio(private, theirs),
+            ),
+            Row(
+                "  anonymous: with the connections / before, MiB",
+                _anon(ours),
+                _anon(peer),
+            ),
+        ]
+
+    def problems(self) -> list[str]:
+        """Runs that do not compare like with like: errors, or another hit ratio."""
+        found = []
+        for (name, conns), runs in sorted(self.runs.items()):
+            for run in runs:
+                answered = run.ok + run.notfound
+                hits = run.ok / max(1, answered)
+                expected = 0.0 if name == "trivial" else HIT_RATIO
+                if run.errors or run.other or abs(hits - expected) > 0.01:
+                    found.append(
+                        f"{name} at {conns} connections: {run.errors} errors, {run.other} "
+                        f"malformed, hits {hits:.1%} (expected {expected:.0%})"
+                    )
+        return found
+
+    def failures(self) -> list[str]:
+        return [row.measure for row in self.rows() if row.holds is False]
+
+    def quiet(self) -> tuple[float, float]:
+        """Median and worst share of a core used by other processes during the runs."""
+        shares = [run.foreign_cpu for runs in self.runs.values() for run in runs]
+        return (statistics.median(shares), max(shares)) if shares else (0.0, 0.0)
+
+
+def _anon(memory: list[Memory] | None) -> str:
+    if not memory:
+        return "-"
+    held = _mib([after["RssAnon"] for _, after in memory])
+    idle = _mib([before["RssAnon"] for before, _ in memory])
+    return f"{held:.1f} / {idle:.1f}"
+
+
+def _mib(kib: list[int]) -> float:
+    return statistics.median(kib) / 1024
+
+
+def _k(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1000:.1f}k" if value >= 1000 else f"{value:.0f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "-"
+
+
+def describe(run: Run) -> str:
+    hits = run.ok / max(1, run.ok + run.notfound)
+    text = f"{run.rate:9,.0f}/s  p50 {run.p50:7.0f}  p99 {run.p99:7.0f}  p99.9 {run.p999:7.0f} us"
+    text += f"  hits {hits:.0%}  cpu: server {run.server_cpu:.0%}"
+    text += f" loadgen {run.loadgen_cpu:.0%} others {run.foreign_cpu:.0%}"
+    if run.errors or run.other:
+        text += f"  ERRORS {run.errors} OTHER {run.other}"
+    return text
+
+
+HEADER = (
+    "measure",
+    "tcpmap-lmdb",
+    "peer",
+    "trivial",
+    "ours/peer",
+    "ours/trivial",
+    "target",
+    "holds",
+)
+
+
+def _cells(row: Row) -> tuple[str, ...]:
+    holds = "" if row.holds is None else ("yes" if row.holds else "NO")
+    return (
+        row.measure,
+        row.ours,
+        row.peer,
+        row.ceiling,
+        row.ratio,
+        row.of_ceiling,
+        row.target,
+        holds,
+    )
+
+
+def table(results: Results) -> str:
+    """The plain-text table for the terminal."""
+    lines = [HEADER, *(_cells(row) for row in results.rows())]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def markdown(results: Results) -> str:
+    head = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    body = ["| " + " | ".join(_cells(row)) + " |" for row in results.rows()]
+    median_share, worst_share = results.quiet()
+    notes = [
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {results.machine}.",
+        "",
+        f"Medians of {results.repeats} runs; each lookup run is {results.seconds:g} s after "
+        "a warm-up, closed loop (one request in flight per connection, like Postfix), "
+        "80% hits and 20% misses spread over the whole table, the same keys for every server. "
+        "Peer is Twisted's PostfixTCPMapServer over a dict unless the row says otherwise; "
+        "trivial is a C epoll server that answers `500 ` to every line (the ceiling). "
+        "Servers run on CPU 0, the C load generator on CPU 1. "
+        f"Other processes used a median {median_share:.0%} (worst {worst_share:.0%}) "
+        f"of one core during the lookup runs. The whole bench took {results.elapsed:.0f} s.",
+    ]
+    if results.server_path:
+        notes += ["", f"tcpmap-server ran from PYTHONPATH={results.server_path}."]
+    if problems := results.problems():
+        notes += ["", "Runs that did not compare like with like:", *(f"- {p}" for p in problems)]
+    return "\n".join(["# Benchmark results", "", *head, *body, "", *notes, ""])
+
+
+def chart(results: Results, path: Path) -> None:
+    import matplotlib  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, label in LABELS.items():
+        xs = [c for c in results.connections if results.runs.get((name, c))]
+        if not xs:
+            continue
+        rates = [[run.rate / 1000 for run in results.runs[(name, c)]] for c in xs]
+        mids = [statistics.median(r) for r in rates]
+        errors = [
+            [m - min(r) for m, r in zip(mids, rates, strict=True)],
+            [max(r) - m for m, r in zip(mids, rates, strict=True)],
+        ]
+        ax.errorbar(xs, mids, yerr=errors, marker="o", capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(results.connections, [str(c) for c in results.connections])
+    ax.set_xlabel("connections (closed loop, one request in flight each)")
+    ax.set_ylabel("thousand lookups/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("tcp_table lookups/s, 1M-key table, loopback, 2 cores")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(results: Results, text_table: str, out: Path) -> None:
+    del text_table  # the markdown table is built from the same rows
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(markdown(results))
+    if results.runs:
+        chart(results, out / "lookups.png")
+
+
+def machine() -> str:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    distro = ""
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("PRETTY_NAME="):
+            distro = line.split("=", 1)[1].strip('"')
+    versions = subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "python"),
+            "-c",
+            "import sys, gevent, lmdb; print(sys.version.split()[0], gevent.__version__, "
+            "lmdb.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    python, gevent, lmdb = [*versions, "?", "?", "?"][:3]
+    return (
+        f"{os.cpu_count()} x {model or platform.processor()}, {mem:.0f} GiB RAM, {distro}, "
+        f"Linux {platform.release()}, CPython {python}, gevent {gevent}, lmdb {lmdb}"
+    )
