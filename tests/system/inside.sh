@@ -227,6 +227,33 @@ stop_client restart
 check "systemctl restart refuses no connection" client_ok restart
 check "systemctl restart started a new process" restarted "$before"
 
+# --- faults, under the hardened unit ---------------------------------------------
+
+fails_temporarily() { # fails_temporarily KEY TABLE: a query error (400/TEMP), never "not found"
+    if out=$(timeout 60 postmap -c "$T/postfix" -q "$1" "$2" 2>&1); then
+        echo "answered: $out"
+        return 1
+    fi
+    printf '%s\n' "$out" | grep -q "query error" || { echo "$out"; return 1; }
+}
+
+publish_garbage() { # replace the table, by rename, with random bytes (world-readable)
+    head -c 65536 /dev/urandom >"$DB.garbage" && chmod 644 "$DB.garbage" && mv -f "$DB.garbage" "$DB"
+}
+
+fault_pid=$(main_pid)
+check "publish a garbage table" publish_garbage
+check "a garbage table answers 400 (query error), not not-found" \
+    fails_temporarily alice@example.com tcp:127.0.0.1:4242
+check "the service survives a garbage table" is tcpmap.service is-active active
+check "delete the table" rm "$DB"
+check "a deleted table answers 400 (query error)" \
+    fails_temporarily alice@example.com tcp:127.0.0.1:4242
+check "tcpmap-build the table again" tcpmap-build -o "$DB" "$T/virtual.changed"
+check "a good table is served again, without a restart" \
+    expect "$ALICE" lookup alice@example.com tcp:127.0.0.1:4242
+check "the same process served through all of it" expect "$fault_pid" main_pid
+
 # The socketmap socket for a chrooted Postfix joins the same service, once that is stopped.
 check "systemctl stop tcpmap.service" systemctl stop tcpmap.service
 check "systemctl enable --now tcpmap-socketmap.socket" systemctl enable --now tcpmap-socketmap.socket
