@@ -8,7 +8,7 @@ A map NAME is the table ``NAME.lmdb``: the one given with --db, or one in the
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .table import Checker, LiveTable
@@ -42,8 +42,10 @@ class Maps:
         fold_keys: bool | None = None,
         warm: bool = True,
         check: Checker | None = None,
+        sleep: Callable[[float], object] | None = None,
     ) -> None:
         self.directory = directory
+        self._sleep = sleep
         self._fold_keys = fold_keys
         self._warm = warm
         self._check = check
@@ -53,7 +55,9 @@ class Maps:
             self._open[name] = self._live(path)
 
     def _live(self, path: Path) -> LiveTable:
-        return LiveTable(path, fold_keys=self._fold_keys, warm=self._warm, check=self._check)
+        return LiveTable(
+            path, fold_keys=self._fold_keys, warm=self._warm, check=self._check, sleep=self._sleep
+        )
 
     def get(self, name: str) -> LiveTable:
         """The map called NAME; raises UnknownMap when there is none."""

@@ -275,7 +275,9 @@ def run(config: ServerConfig) -> int:
     # Each newly published file is walked by a child process before it is
     # served (verify.py); the hub keeps serving the current file meanwhile.
     check = verify.in_child(gevent.sleep, forget=lambda: maps.close())  # noqa: PLW0108 - maps is bound below
-    maps = Maps(tables, config.maps, fold_keys=config.fold_keys, warm=True, check=check)
+    maps = Maps(
+        tables, config.maps, fold_keys=config.fold_keys, warm=True, check=check, sleep=gevent.sleep
+    )
     maps.open_all()  # open and warm before READY: a cold first lookup stalls the hub
     endpoints = open_endpoints(config)
     server = Server(config, maps, endpoints)

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 _WARM_CHUNK = 1 << 20
 _RECHECK = 1.0  # seconds: stat at least this often even if the watch saw nothing
+# How long a lookup waits for a new file's check before it is answered from the
+# current file (the check of a 10M-key table takes about 1.3 s).
+CHECK_PATIENCE = 2.0
+_CHECK_POLL = 0.002
 
 
 class TableError(Exception):
@@ -258,8 +262,11 @@ class LiveTable:
         warm: bool = True,
         check: Checker | None = None,
         watch_directory: bool = True,
+        sleep: Callable[[float], object] | None = None,
     ) -> None:
+        """SLEEP (gevent.sleep in the server) lets a lookup wait for another's check."""
         self.path = path
+        self._sleep = sleep
         self._fold_keys = fold_keys
         self._warm = warm
         self._check = check
@@ -285,6 +292,7 @@ class LiveTable:
         watch = self._watch
         if (
             watch is None
+            or self._refreshing  # a new file is being checked: wait for it
             or self._table is None
             or watch.changed()
             or time.monotonic() - self._checked > _RECHECK
@@ -297,8 +305,14 @@ class LiveTable:
     def refresh(self, *, force: bool = False) -> None:
         """Reopen if the file at the path is not the one we hold (or if forced)."""
         if self._refreshing:
-            # A check of the new file is running: serve the current one meanwhile,
+            # Another greenlet is checking a new file. Wait for it (cooperatively),
+            # so that no lookup after a publication gets the old data; but not
+            # longer than CHECK_PATIENCE: then serve the current file meanwhile,
             # and look again on the next lookup (what the watch saw is consumed).
+            if self._sleep is not None:
+                deadline = time.monotonic() + CHECK_PATIENCE
+                while self._refreshing and time.monotonic() < deadline:
+                    self._sleep(_CHECK_POLL)
             self._checked = 0.0
             return
         if self._watch is None and self._watching:
