@@ -133,6 +133,7 @@ def prepare(tree: Path, root: Path, previous: Path, current: Path) -> None:
         shutil.copy2(deb, test_dir / name)
     shutil.copy2(SYSTEM / "inside.sh", test_dir)
     shutil.copy2(SYSTEM / "client.py", test_dir)
+    shutil.copy2(SYSTEM / "abuse.py", test_dir)
     shutil.copy2(SYSTEM / UNIT, root / "etc/systemd/system")
     wants = root / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(exist_ok=True)

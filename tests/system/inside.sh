@@ -227,7 +227,11 @@ stop_client restart
 check "systemctl restart refuses no connection" client_ok restart
 check "systemctl restart started a new process" restarted "$before"
 
-# --- faults, under the hardened unit ---------------------------------------------
+# --- hostile clients and faults, under the hardened unit -------------------------
+
+check "hostile clients are answered right, others stay prompt (abuse.py)" \
+    python3 "$T/abuse.py" "$ALICE"
+check "the service survives hostile clients" is tcpmap.service is-active active
 
 fails_temporarily() { # fails_temporarily KEY TABLE: a query error (400/TEMP), never "not found"
     if out=$(timeout 60 postmap -c "$T/postfix" -q "$1" "$2" 2>&1); then
