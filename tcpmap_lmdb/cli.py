@@ -15,7 +15,6 @@ from .config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PORT,
     DEFAULT_STOP_TIMEOUT,
-    Address,
     ConfigError,
     ListenSpec,
     ServerConfig,
@@ -30,13 +29,6 @@ def build_main(argv: list[str] | None = None) -> int:
     from .build import main  # noqa: PLC0415 - the server starts faster without it
 
     return main(argv)
-
-
-def _address(text: str) -> Address:
-    try:
-        return Address.parse(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _listen(text: str) -> ListenSpec:

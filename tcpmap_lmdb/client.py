@@ -84,7 +84,7 @@ class SocketmapClient:
             digits += byte
             if not digits.isdigit() or len(digits) > 12:
                 raise LookupFailed(f"{self.where}: bad netstring length {digits!r}")
-        length = int(digits or b"x") if digits.isdigit() else -1
+        length = int(digits) if digits else -1  # the loop let only digits in
         if not 0 <= length <= socketmap.MAX_REPLY:
             raise LookupFailed(f"{self.where}: reply length {digits!r} over the limit")
         payload = self._file.read(length + 1)

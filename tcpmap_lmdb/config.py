@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from .dbformat import map_name
+
 DEFAULT_PORT = 4242
 DEFAULT_HOST = "127.0.0.1"
 # Twisted's PostfixTCPMapServer uses 600 s. Postfix never hangs up an idle
@@ -168,10 +170,7 @@ class ServerConfig:
     @property
     def db_name(self) -> str | None:
         """The map name of --db: its file name without .lmdb."""
-        if self.db is None:
-            return None
-        name = self.db.name
-        return name[:-5] if name.endswith(".lmdb") else name
+        return None if self.db is None else map_name(self.db)
 
     @property
     def default_listen(self) -> ListenSpec:

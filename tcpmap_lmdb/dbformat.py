@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# lmdb:NAME is the file NAME.lmdb (postfix-maps.md 4.1); NAME is also its map name.
+SUFFIX = ".lmdb"
 
 # LMDB's default MDB_MAXKEYSIZE, which includes the trailing NUL Postfix stores.
 MAX_KEY_BYTES = 511
@@ -18,6 +22,11 @@ MAX_KEY_BYTES = 511
 # (`postmap -s` lists it as an empty key, with the JSON as its value).
 META_KEY = b"\x00tcpmap-lmdb\x00"
 META_VERSION = 1
+
+
+def map_name(path: Path) -> str:
+    """The map name of a table file: virtual.lmdb -> virtual."""
+    return path.name.removesuffix(SUFFIX)
 
 
 def fold(key: bytes) -> bytes:

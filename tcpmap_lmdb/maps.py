@@ -11,9 +11,9 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .dbformat import SUFFIX, map_name
 from .table import Checker, LiveTable
 
-SUFFIX = ".lmdb"
 # What a map name may be: it becomes a file name, so no '/', no leading dot.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,200}")
 
@@ -24,11 +24,6 @@ class UnknownMap(LookupError):
 
 def valid_name(name: str) -> bool:
     return _NAME.fullmatch(name) is not None
-
-
-def name_of(path: Path) -> str:
-    """The map name of a table file: virtual.lmdb -> virtual."""
-    return path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.name
 
 
 class Maps:
@@ -78,7 +73,7 @@ class Maps:
             self._open[name].refresh()
         if self.directory is not None:
             for path in sorted(self.directory.glob(f"*{SUFFIX}")):
-                name = name_of(path)
+                name = map_name(path)
                 if valid_name(name) and path.is_file():
                     self.get(name).refresh()
 

@@ -17,6 +17,7 @@ from gevent.server import StreamServer
 
 from . import verify
 from .config import SOCKETMAP, Binding, ServerConfig
+from .dbformat import map_name
 from .listeners import Endpoint, format_address, open_endpoints, remove_socket_files
 from .maps import Maps, UnknownMap
 from .responder import Responder, SocketmapResponder
@@ -271,7 +272,7 @@ def _raise_fd_limit(connections: int) -> None:
 def run(config: ServerConfig) -> int:
     """Open the tables, listen, serve until SIGTERM/SIGINT; SIGHUP re-opens the tables."""
     notifier = Notifier()
-    tables = {config.db_name: config.db} if config.db and config.db_name else {}
+    tables = {map_name(config.db): config.db} if config.db is not None else {}
     # Each newly published file is walked by a child process before it is
     # served (verify.py); the hub keeps serving the current file meanwhile.
     check = verify.in_child(gevent.sleep, forget=lambda: maps.close())  # noqa: PLW0108 - maps is bound below

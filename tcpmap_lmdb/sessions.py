@@ -6,7 +6,7 @@ says when the connection must close.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple, Protocol
 
 from . import protocol, socketmap
@@ -29,9 +29,22 @@ class Session(Protocol):
     def receive(self, data: bytes) -> Iterator[Output]: ...
 
 
-def _batches(requests: list[bytes]) -> Iterator[list[bytes]]:
+def _answer(
+    answer_all: Callable[[list[bytes]], bytes],
+    requests: list[bytes],
+    close: str | None,
+    last: Output,
+) -> Iterator[Output]:
+    """Answer REQUESTS in batches of BATCH; then, when CLOSE says why, LAST."""
     for start in range(0, len(requests), BATCH):
-        yield requests[start : start + BATCH]
+        batch = requests[start : start + BATCH]
+        yield Output(answer_all(batch), len(batch))
+    if close is not None:
+        yield last._replace(close=close)
+
+
+_LINE_TOO_LONG = Output(protocol.LINE_TOO_LONG, 1)
+_HANG_UP = Output(b"", 0)
 
 
 class TcpTableSession:
@@ -48,10 +61,8 @@ class TcpTableSession:
             lines, close = self._buffer.feed(data), None
         except protocol.LineTooLong as exc:
             lines, close = exc.lines, str(exc)
-        for batch in _batches(lines):
-            yield Output(self._responder.answer_all(batch), len(batch))
-        if close is not None:
-            yield Output(protocol.LINE_TOO_LONG, 1, close=close)
+        # The over-long line itself is answered: one request more.
+        return _answer(self._responder.answer_all, lines, close, _LINE_TOO_LONG)
 
 
 class SocketmapSession:
@@ -72,7 +83,4 @@ class SocketmapSession:
             payloads, close = self._buffer.feed(data), None
         except socketmap.NetstringError as exc:
             payloads, close = exc.payloads, str(exc)
-        for batch in _batches(payloads):
-            yield Output(self._responder.answer_all(batch), len(batch))
-        if close is not None:
-            yield Output(b"", 0, close=close)
+        return _answer(self._responder.answer_all, payloads, close, _HANG_UP)
