@@ -54,7 +54,11 @@ GOOD |= {"alice@example.com": "alice@mail.example.com", "bob": "bob-value"}
 SMALL = {"alice@example.com": "alice@mail.example.com", "bob": "bob-value"}
 KEYS = ("alice@example.com", "nobody@example.com")  # one in the table, one not
 LISTENERS = ("--listen", "tcp:127.0.0.1:0", "--listen", "socketmap:127.0.0.1:0")
-UNPRIVILEGED = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+# Root without the capabilities that bypass file permissions: a chmod 000 table or a
+# mode 555 directory stops it, as it stops any unprivileged user. (Running as nobody
+# would also need the checkout to be readable by nobody, which a clone in a private
+# temporary directory is not.)
+UNPRIVILEGED = ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
 
 # --- servers ------------------------------------------------------------------------------------
 
@@ -73,7 +77,7 @@ class Dual:
 
 
 class Unprivileged(ServerProcess):
-    """A ServerProcess run as nobody: root reads a chmod 000 file, nobody cannot.
+    """A ServerProcess without DAC capabilities: root reads a chmod 000 file, it cannot.
 
     ServerProcess.__init__ starts the process itself, as us; this does the same through
     setpriv and then shares the log collection and waiting of the parent.
@@ -126,12 +130,13 @@ def start() -> Iterator[Start]:
 
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
-    """A directory the user nobody can enter (tmp_path's parents are root's, mode 0700)."""
+    """A directory of its own, outside tmp_path, for the tests without DAC capabilities."""
     path = Path(tempfile.mkdtemp(prefix="tcpmap-faults-"))
     path.chmod(0o755)
     try:
         yield path
     finally:
+        path.chmod(0o755)
         shutil.rmtree(path)
 
 
@@ -304,8 +309,8 @@ def test_fault_while_serving_answers_400_then_recovers(
 def test_permission_denied_answers_400_until_readable(
     start: Start, shared_dir: Path, when: str
 ) -> None:
-    """A server running as nobody on a chmod 000 table: 400/TEMP "Permission denied"; chmod 644
-    and the next lookup is served."""
+    """A server without DAC capabilities on a chmod 000 table: 400/TEMP "Permission denied";
+    chmod 644 and the next lookup is served."""
     db = make_table(shared_dir / "virtual.lmdb", SMALL)
     db.chmod(0o000 if when == "at-start" else 0o644)
     dual = start(db, unprivileged=True)
@@ -844,11 +849,12 @@ def test_temporary_of_another_table_is_kept(tmp_path: Path) -> None:
 
 
 def test_read_only_directory_for_an_unprivileged_builder(shared_dir: Path) -> None:
-    """nobody building into root's directory: exit 1, one line naming the table, table intact."""
+    """Building into a directory it may not write: exit 1, one line naming the table, intact."""
     source = shared_dir / "map"
     source.write_text("old value\n")
     assert build.main(["-q", str(source)]) == 0
     source.write_text("new value\n")
+    shared_dir.chmod(0o555)  # no one may write here (without DAC_OVERRIDE)
     before = _snapshot(shared_dir)
     result = subprocess.run(
         [*UNPRIVILEGED, sys.executable, "-m", "tcpmap_lmdb.build", str(source)],
