@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .dbformat import SUFFIX, map_name
 from .table import Checker, LiveTable
+from .watch import Watcher, watch
 
 # What a map name may be: it becomes a file name, so no '/', no leading dot.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,200}")
@@ -38,9 +39,11 @@ class Maps:
         warm: bool = True,
         check: Checker | None = None,
         sleep: Callable[[float], object] | None = None,
+        watcher: Watcher = watch,
     ) -> None:
         self.directory = directory
         self._sleep = sleep
+        self._watcher = watcher
         self._fold_keys = fold_keys
         self._warm = warm
         self._check = check
@@ -51,7 +54,12 @@ class Maps:
 
     def _live(self, path: Path) -> LiveTable:
         return LiveTable(
-            path, fold_keys=self._fold_keys, warm=self._warm, check=self._check, sleep=self._sleep
+            path,
+            fold_keys=self._fold_keys,
+            warm=self._warm,
+            check=self._check,
+            sleep=self._sleep,
+            watcher=self._watcher,
         )
 
     def get(self, name: str) -> LiveTable:

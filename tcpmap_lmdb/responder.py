@@ -27,25 +27,30 @@ class Responder:
 
     def answer(self, line: bytes) -> bytes:
         """The reply for one request line (without its LF)."""
+        key = protocol.plain_get(line)
+        if key is None:  # anything but a plain "get KEY": the full parser
+            try:
+                request = protocol.parse_request(line)
+            except protocol.ProtocolError as exc:
+                return protocol.temporary(str(exc))
+            if isinstance(request, protocol.Put):
+                return protocol.READ_ONLY
+            key = request.key
         try:
-            request = protocol.parse_request(line)
-        except protocol.ProtocolError as exc:
-            return protocol.temporary(str(exc))
-        if isinstance(request, protocol.Put):
-            return protocol.READ_ONLY
-        try:
-            value = self._lookup(request.key)
+            value = self._lookup(key)
         except TableError as exc:
             return protocol.temporary(str(exc))
         except Exception:
             # An internal fault must defer the mail (400), never bounce it (500).
-            log.exception("lookup of %r failed", request.key)
+            log.exception("lookup of %r failed", key)
             return protocol.temporary("internal error, see the server log")
         if value is None:
             return protocol.NOT_FOUND
         return protocol.found(value) or protocol.VALUE_TOO_LONG
 
     def answer_all(self, lines: list[bytes]) -> bytes:
+        if len(lines) == 1:  # a client that waits for each reply, like Postfix
+            return self.answer(lines[0])
         return b"".join([self.answer(line) for line in lines])
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import lmdb
 
 from .dbformat import MAX_KEY_BYTES, META_KEY, BuildInfo, fold
-from .watch import DirectoryWatch, watch
+from .watch import DirectoryWatch, Watcher, watch
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +141,14 @@ class Table:
         Raises TableError for a stored value Postfix could not use (empty).
         """
         if self.folded:
-            key = fold(key)
+            key = key.lower() if key.isascii() else fold(key)  # fold(), one call less
         if len(key) > MAX_KEY_BYTES or not key:
             return None  # longer than any key LMDB can hold
         try:
             txn = self._txn
-            value = txn.get(key + b"\x00") if txn is not None else self._get_locked(key)
+            value: bytes | None = (
+                txn.get(key + b"\x00") if txn is not None else self._get_locked(key)
+            )
         except lmdb.Error as exc:
             raise TableError(f"{self.path}: lookup failed: {_reason(exc)}") from None
         if value is None:
@@ -155,7 +157,7 @@ class Table:
         value = value.partition(b"\x00")[0]
         if not value:
             raise TableError(f"{self.path}: empty value stored for this key")
-        return bytes(value)
+        return value
 
     def _get_locked(self, key: bytes) -> bytes | None:
         # Postfix writes key+NUL by default; postmap -n writes bare keys. Try
@@ -263,6 +265,7 @@ class LiveTable:
         check: Checker | None = None,
         watch_directory: bool = True,
         sleep: Callable[[float], object] | None = None,
+        watcher: Watcher = watch,
     ) -> None:
         """SLEEP (gevent.sleep in the server) lets a lookup wait for another's check."""
         self.path = path
@@ -272,6 +275,7 @@ class LiveTable:
         self._check = check
         self._refreshing = False
         self._watching = watch_directory
+        self._watcher = watcher
         self._watch: DirectoryWatch | None = None
         self._checked = 0.0  # when the path was last stat-ed
         self._table: Table | None = None
@@ -316,7 +320,7 @@ class LiveTable:
             self._checked = 0.0
             return
         if self._watch is None and self._watching:
-            self._watch = watch(self.path.parent)
+            self._watch = self._watcher(self.path.parent)
         self._checked = time.monotonic()
         try:
             st = os.stat(self.path)

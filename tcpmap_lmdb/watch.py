@@ -7,6 +7,9 @@ chmod(2) or a write returns, so one poll(2) with a zero timeout answers "did
 anything happen in that directory since the last look?" just as exactly, for
 a fifth of the price. The caller stats only then, and at least once a second
 anyway (a directory renamed away or replaced is not seen by its watch).
+
+Under an event loop even that poll(2) is too dear: the server lets its loop
+drain the watch (``drive``), and ``changed`` then only reads a flag.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import ctypes
 import ctypes.util
 import os
 import select
+from collections.abc import Callable
 from pathlib import Path
 
 # <sys/inotify.h>
@@ -54,7 +58,7 @@ def _load_libc() -> ctypes.CDLL:
 class DirectoryWatch:
     """Tells whether anything happened in a directory since the last call."""
 
-    __slots__ = ("_fd", "_poll")
+    __slots__ = ("_changed", "_fd", "_poll", "_stop")
 
     def __init__(self, directory: Path) -> None:
         libc = _load_libc()
@@ -65,23 +69,47 @@ class DirectoryWatch:
             err = ctypes.get_errno()
             os.close(fd)
             raise OSError(err, f"inotify_add_watch {directory}: {os.strerror(err)}")
-        self._fd = fd
+        self._fd: int = fd
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
+        self._changed: bool | None = None  # set: an event loop drains the watch
+        self._stop: Callable[[], None] | None = None
 
-    def changed(self) -> bool:
-        """True if events arrived since the last call (they are consumed)."""
-        if not self._poll.poll(0):
-            return False
+    def fileno(self) -> int:
+        return self._fd
+
+    def drive(self, stop: Callable[[], None]) -> None:
+        """An event loop calls drain() whenever fileno() is readable; STOP ends that."""
+        self._changed = True  # whatever happened before the loop watched
+        self._stop = stop
+
+    def drain(self) -> None:
+        """Consume the queued events (the event loop's callback)."""
         try:
             while os.read(self._fd, 65536):
                 pass
         except BlockingIOError:
             pass
+        if self._changed is not None:
+            self._changed = True
+
+    def changed(self) -> bool:
+        """True if events arrived since the last call (they are consumed)."""
+        if self._changed is not None:
+            changed, self._changed = self._changed, False
+            return changed
+        if not self._poll.poll(0):
+            return False
+        self.drain()
         return True
 
     def close(self) -> None:
+        if self._stop is not None:
+            self._stop()
         os.close(self._fd)
+
+
+Watcher = Callable[[Path], DirectoryWatch | None]
 
 
 def watch(directory: Path) -> DirectoryWatch | None:

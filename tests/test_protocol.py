@@ -317,3 +317,25 @@ def test_any_line_gets_a_valid_reply(line: bytes) -> None:
     assert_valid_reply(reply)
     if reply.startswith(b"200"):
         assert protocol.parse_request(line.rstrip(b"\r")) == protocol.Get(b"foo")
+
+
+@given(st.binary(max_size=40).map(lambda b: b"get " + b) | st.binary(max_size=40))
+def test_plain_get_agrees_with_the_full_parser(line: bytes) -> None:
+    """The hot path's key is the parser's key; lines it declines, the parser handles."""
+    key = protocol.plain_get(line)
+    if key is not None:
+        assert protocol.parse_request(line) == protocol.Get(key)
+
+
+@pytest.mark.parametrize(
+    "line", [b"get a%20b", b"get a\r", b"get a\x00b", b"get ", b"get", b"put a b", b"GET a"]
+)
+def test_plain_get_declines_what_needs_the_parser(line: bytes) -> None:
+    assert protocol.plain_get(line) is None
+
+
+@given(st.binary(max_size=60))
+def test_found_quotes_like_reply(value: bytes) -> None:
+    line = protocol.found(value)
+    expected = protocol.reply(200, value)
+    assert line == (expected if value and len(expected) <= protocol.MAX_REPLY else None)

@@ -586,9 +586,9 @@ def test_session_answers_a_request_split_byte_by_byte(maps: Maps) -> None:
     session = SocketmapSession(SocketmapResponder(maps))
     replies = b""
     for byte in socketmap.request(b"virtual", b"100%"):
-        for output in session.receive(bytes([byte])):
-            assert output.close is None
-            replies += output.replies
+        for reply, _, close in session.receive(bytes([byte])):
+            assert close is None
+            replies += reply
     assert replies == netstring(b"OK percent")
 
 
@@ -600,18 +600,19 @@ def test_session_answers_coalesced_requests_in_batches(maps: Maps) -> None:
             socketmap.request(b"virtual", b"100%") * count
         )
     )
-    assert [o.requests for o in outputs] == [BATCH, BATCH, 3]
-    assert b"".join(o.replies for o in outputs) == netstring(b"OK percent") * count
-    assert all(o.close is None for o in outputs)
+    assert [requests for _, requests, _ in outputs] == [BATCH, BATCH, 3]
+    assert b"".join(replies for replies, _, _ in outputs) == netstring(b"OK percent") * count
+    assert all(close is None for _, _, close in outputs)
 
 
 def test_session_answers_what_came_before_a_framing_error_then_closes(maps: Maps) -> None:
     """Good requests before the garbage are answered; then the connection must close, silently."""
     session = SocketmapSession(SocketmapResponder(maps))
     outputs = list(session.receive(socketmap.request(b"virtual", b"100%") + b"bogus"))
-    assert b"".join(o.replies for o in outputs) == netstring(b"OK percent")
-    assert outputs[-1].close is not None
-    assert outputs[-1].replies == b""
+    assert b"".join(replies for replies, _, _ in outputs) == netstring(b"OK percent")
+    replies, _, close = outputs[-1]
+    assert close is not None
+    assert replies == b""
 
 
 def test_responder_reply_for_every_map_state_is_postfix_valid(

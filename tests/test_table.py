@@ -17,6 +17,7 @@ from postfix_tools import run_postfix
 
 from tcpmap_lmdb import dbformat
 from tcpmap_lmdb.table import LiveTable, Table, TableError
+from tcpmap_lmdb.watch import DirectoryWatch
 
 SOURCE = 'Foo bar baz\nAlpha@Example.COM  x y\n"quoted key" q\nStraße s\n'
 
@@ -524,3 +525,34 @@ def test_error_state_clears_when_file_is_fixed_in_place(db: Path) -> None:
         assert table.lookup(b"key") == b"value"
     finally:
         table.close()
+
+
+# --- the directory watch, polled and loop-driven ------------------------------------------------
+
+
+def test_polled_watch_sees_a_rename_once(tmp_path: Path) -> None:
+    directory_watch = DirectoryWatch(tmp_path)
+    try:
+        assert not directory_watch.changed()
+        (tmp_path / "new").write_bytes(b"x")
+        os.replace(tmp_path / "new", tmp_path / "map.lmdb")
+        assert directory_watch.changed()
+        assert not directory_watch.changed()  # the events were consumed
+    finally:
+        directory_watch.close()
+
+
+def test_driven_watch_reads_only_what_its_loop_drained(tmp_path: Path) -> None:
+    """Driven, changed() makes no system call: it reports what drain() saw."""
+    stopped = []
+    directory_watch = DirectoryWatch(tmp_path)
+    directory_watch.drive(stop=lambda: stopped.append(True))
+    assert directory_watch.changed()  # whatever happened before the loop watched
+    assert not directory_watch.changed()
+    (tmp_path / "map.lmdb").write_bytes(b"x")
+    assert not directory_watch.changed()  # the loop has not drained it yet
+    directory_watch.drain()
+    assert directory_watch.changed()
+    assert not directory_watch.changed()
+    directory_watch.close()
+    assert stopped == [True]

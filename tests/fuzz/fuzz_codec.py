@@ -45,8 +45,8 @@ def fuzz_tcp(chunks: list[bytes]) -> None:
     replies = b""
     for chunk in chunks:
         outputs = list(session.receive(chunk))
-        replies += b"".join(o.replies for o in outputs)
-        if any(o.close for o in outputs):
+        replies += b"".join(replies for replies, _, _ in outputs)
+        if any(close for _, _, close in outputs):
             break
     lines = replies.split(b"\n")[:-1]
     for request, reply in zip(complete, lines, strict=False):
@@ -63,11 +63,11 @@ def fuzz_socketmap(chunks: list[bytes]) -> None:
     out = socketmap.NetstringBuffer(limit=socketmap.MAX_REPLY + 10)
     for chunk in chunks:
         outputs = list(session.receive(chunk))
-        for payload in out.feed(b"".join(o.replies for o in outputs)):
+        for payload in out.feed(b"".join(replies for replies, _, _ in outputs)):
             status, _ = socketmap.parse_reply(payload)
             assert status in (b"OK", b"NOTFOUND", b"TEMP", b"PERM"), payload
             assert len(payload) <= socketmap.MAX_REPLY
-        if any(o.close for o in outputs):
+        if any(close for _, _, close in outputs):
             break
 
 
