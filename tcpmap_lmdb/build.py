@@ -2,9 +2,10 @@
 
 Everything is parsed and checked first; a single bad line means nothing is
 written. Postmap sources take bulk.py's fast path when it can build them; the
-rest, and every source with something to report, go line by line. The table is then written to a temporary file beside the target and
-renamed onto it, so readers see either the old table or the complete new one
-(design.md decision 5), never a partial file, even after a crash or Ctrl-C.
+rest, and every source with something to report, go line by line. The table
+is then written to a temporary file beside the target and renamed onto it, so
+readers see either the old table or the complete new one (design.md decision
+5), never a partial file, even after a crash or Ctrl-C.
 """
 
 from __future__ import annotations
