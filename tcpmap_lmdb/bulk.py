@@ -29,10 +29,12 @@ from tcpmap_lmdb.dbformat import fold, stored_key, stored_value
 BLOCK = 1 << 17
 # A line that starts a logical line: blocks end only before one.
 _LOGICAL_START = re.compile(rb"\n(?=[^ \t\r\x0b\x0c\n#])")
-# Lines readllines() treats specially: blank, comment or continuation. (One
-# pattern, starting with a literal: an alternation would be scanned 30x slower.)
+# Lines readllines() treats specially: blank, comment or continuation. (Each
+# pattern starts with a literal: an alternation would be scanned 30x slower.)
 _SPECIAL_LINE = re.compile(rb"\n[ \t\r\x0b\x0c\n#]")
+_CONTINUATION = re.compile(rb"\n[ \t\r\x0b\x0c]")
 _STARTS_SPECIAL = frozenset(b" \t\r\x0b\x0c\n#")
+_STARTS_CONTINUATION = frozenset(b" \t\r\x0b\x0c")
 # Where a key could end in ':' (postmap warns): a colon before whitespace.
 _COLON_SPACE = re.compile(rb":[ \t\r\x0b\x0c]")
 
@@ -55,15 +57,11 @@ def postmap_records(data: bytes, *, fold_keys: bool, block: int = BLOCK) -> KeyO
     keys: list[bytes] = []
     values: list[bytes] = []
     for chunk in _blocks(data, block):
-        plain = not (
-            chunk[0] in _STARTS_SPECIAL
-            or _SPECIAL_LINE.search(chunk)
-            or b'"' in chunk  # quotes and backslashes: postmap.c's split
-            or b"\\" in chunk  # is no longer bytes.split()'s
-        )
-        split = _split(chunk, fold_keys) if plain else _parse(chunk, fold_keys)
+        split = _split(chunk, fold_keys)
         if split is None:
-            return None
+            split = _parse(chunk, fold_keys)
+            if split is None:
+                return None
         keys += split[0]
         values += split[1]
     if not _increasing(keys):
@@ -85,18 +83,14 @@ def _blocks(data: bytes, size: int) -> Iterator[bytes]:
 
 
 def _split(chunk: bytes, fold_keys: bool) -> tuple[list[bytes], list[bytes]] | None:
-    """Stored keys and values of a block of plain lines, each one entry."""
-    ascii_only = chunk.isascii()
-    if not ascii_only:
-        try:
-            chunk.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    lines = chunk.split(b"\n")
-    if chunk.endswith(b"\n"):
-        lines.pop()
-    # The key ends at the first whitespace, like postmap.c's split without
-    # quotes or backslashes; the value is trimmed at both ends.
+    """Stored keys and values of a block of one-line entries (comments and blank
+    lines allowed), or None for any other block: sources.py then reads it.
+    """
+    lines = _entry_lines(chunk)
+    if lines is None:
+        return None
+    # The key ends at the first whitespace and the value is trimmed at both
+    # ends, as postmap.c splits a line without quotes or backslashes.
     pairs = [line.split(None, 1) for line in lines]
     try:
         values = [pair[1].rstrip() + b"\0" for pair in pairs]
@@ -105,14 +99,40 @@ def _split(chunk: bytes, fold_keys: bool) -> tuple[list[bytes], list[bytes]] | N
     if _COLON_SPACE.search(chunk) and any(key.endswith(b":") for key, _ in pairs):
         return None  # postmap's "is this an alias file?" warning
     if not fold_keys:
-        return [pair[0] + b"\0" for pair in pairs], values
-    if ascii_only:
-        return [pair[0].lower() + b"\0" for pair in pairs], values
-    return [fold(pair[0]) + b"\0" for pair in pairs], values
+        keys = [pair[0] + b"\0" for pair in pairs]
+    elif chunk.isascii():
+        keys = [pair[0].lower() + b"\0" for pair in pairs]
+    else:
+        keys = [fold(pair[0]) + b"\0" for pair in pairs]
+    return keys, values
+
+
+def _entry_lines(chunk: bytes) -> list[bytes] | None:
+    """The block's lines that are entries, if each is a whole entry in UTF-8 that
+    bytes.split() splits as postmap.c does; None otherwise.
+    """
+    lines = chunk.split(b"\n")
+    if chunk.endswith(b"\n"):
+        lines.pop()
+    text = chunk
+    if chunk[0] in _STARTS_SPECIAL or _SPECIAL_LINE.search(chunk):
+        if chunk[0] in _STARTS_CONTINUATION or _CONTINUATION.search(chunk):
+            return None  # continuation lines make one entry of several lines
+        # readllines() skips blank lines and comments (which need not be UTF-8)
+        lines = [line for line in lines if line and not line.startswith(b"#")]
+        text = b"\n".join(lines)
+    if b'"' in text or b"\\" in text:
+        return None  # quotes and backslashes change postmap.c's split
+    if not text.isascii():
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return lines
 
 
 def _parse(chunk: bytes, fold_keys: bool) -> tuple[list[bytes], list[bytes]] | None:
-    """Stored keys and values of a block the general parser reads."""
+    """Stored keys and values of a block as sources.py reads it; None on any problem."""
     keys, values = [], []
     for item in sources.parse(io.BytesIO(chunk), "postmap")[1]:
         if isinstance(item, sources.Problem):

@@ -102,6 +102,19 @@ def test_fast_path_declines(text: str | bytes) -> None:
         assert bulk.postmap_records(data, fold_keys=True, block=block) is None
 
 
+@pytest.mark.parametrize(
+    ("text", "split"),
+    [
+        (b"# caf\xe9\n\na 1\n#\nb 2\n", True),  # comments and blank lines are skipped in bulk
+        (b"a 1\n  more\n", False),  # a continuation line: sources.py joins it
+        (b'"a b" 1\n', False),  # quotes: sources.py splits the line
+    ],
+)
+def test_which_blocks_are_split_in_bulk(text: bytes, split: bool) -> None:
+    """Comments and blank lines keep a block on the fast split; continuations and quotes do not."""
+    assert (bulk._split(text, fold_keys=True) is not None) == split
+
+
 def test_fold_collision_is_not_a_duplicate_without_folding() -> None:
     """With -f, A and a are two keys."""
     assert fast(b"A 1\na 2\n", fold_keys=False) == {b"A\0": b"1\0", b"a\0": b"2\0"}
