@@ -3,8 +3,8 @@
 Going line by line through sources.py and build.load costs a few microseconds
 a line, about six times what postmap needs. Most large tables are generated
 files of plain "key value" lines, which bytes methods and list comprehensions
-split much faster. Blocks holding anything else (comments, blank lines,
-continuations, quotes, backslashes) still go through sources.py.
+split much faster (comments and blank lines are simply dropped). Blocks
+with continuation lines, quotes or backslashes still go through sources.py.
 
 The result is only ever a table the general path would build without a word:
 wherever it would report something (a bad line, a warning, a duplicate key),
