@@ -35,8 +35,6 @@ _SPECIAL_LINE = re.compile(rb"\n[ \t\r\x0b\x0c\n#]")
 _CONTINUATION = re.compile(rb"\n[ \t\r\x0b\x0c]")
 _STARTS_SPECIAL = frozenset(b" \t\r\x0b\x0c\n#")
 _STARTS_CONTINUATION = frozenset(b" \t\r\x0b\x0c")
-# Where a key could end in ':' (postmap warns): a colon before whitespace.
-_COLON_SPACE = re.compile(rb":[ \t\r\x0b\x0c]")
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ def _split(chunk: bytes, fold_keys: bool) -> tuple[list[bytes], list[bytes]] | N
         values = [pair[1].rstrip() + b"\0" for pair in pairs]
     except IndexError:
         return None  # a line without a value
-    if _COLON_SPACE.search(chunk) and any(key.endswith(b":") for key, _ in pairs):
+    if b":" in chunk and any(key.endswith(b":") for key, _ in pairs):
         return None  # postmap's "is this an alias file?" warning
     if not fold_keys:
         keys = [pair[0] + b"\0" for pair in pairs]
