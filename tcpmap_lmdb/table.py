@@ -9,6 +9,7 @@ each lookup takes Postfix's shared fcntl lock around its own transaction
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import logging
@@ -174,16 +175,32 @@ class Table:
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
-    def walk(self) -> int:
-        """Read every record (every page a lookup can reach); how many there are."""
-        count = 0
+    def walk(self, *, second_half: bool) -> bytes | None:
+        """Read half the records (every page a lookup of them can reach).
+
+        Two processes share a check this way, one half each. Returns where the
+        halves meet: for the first half, the key after its last record; for the
+        second, its first record's key (None past either end). The halves cover
+        the table if the two agree; a record count that lies cannot hide pages.
+        """
         try:
             with self._env.begin() as txn:
-                for _record in txn.cursor():  # each key and value is copied out
-                    count += 1
+                entries = txn.stat()["entries"]
+                count = entries // 2 if second_half else entries - entries // 2
+                cursor = txn.cursor()
+                records = cursor.iterprev() if second_half else cursor.iternext()
+                # Each key and value is copied out; deque and zip keep the loop in C.
+                last = collections.deque(zip(range(count), records, strict=False), maxlen=1)
+                walked = last[0][0] + 1 if last else 0
+                if walked != count:
+                    raise TableError(f"{self.path} is corrupt: {entries} records claimed")
+                key: bytes | None = last[0][1][0] if last else None
+                if second_half:
+                    return key
+                moved = cursor.set_key(key) and cursor.next() if key is not None else cursor.first()
+                return cursor.key() if moved else None
         except lmdb.Error as exc:
             raise TableError(f"{self.path} is corrupt: {_reason(exc)}") from None
-        return count
 
     def describe(self) -> str:
         syntax = f"{self.info.syntax} syntax" if self.info else "built by Postfix"

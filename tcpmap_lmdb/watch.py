@@ -15,7 +15,6 @@ drain the watch (``drive``), and ``changed`` then only reads a flag.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import select
 from collections.abc import Callable
@@ -51,7 +50,9 @@ _libc: ctypes.CDLL | None = None
 def _load_libc() -> ctypes.CDLL:
     global _libc  # noqa: PLW0603 - one handle on the C library for the process
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        # The process's own symbols, libc's among them. find_library("c") would
+        # run ldconfig -p: a fork and exec on every server start.
+        _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
 
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from postfix_tools import run_postfix
 
-from tcpmap_lmdb import dbformat
+from tcpmap_lmdb import dbformat, verify
 from tcpmap_lmdb.table import LiveTable, Table, TableError
 from tcpmap_lmdb.watch import DirectoryWatch
 
@@ -556,3 +556,41 @@ def test_driven_watch_reads_only_what_its_loop_drained(tmp_path: Path) -> None:
     assert not directory_watch.changed()
     directory_watch.close()
     assert stopped == [True]
+
+
+# --- the check before a table is served (verify.py) ---------------------------------------------
+
+
+def _set_record_count(path: Path, entries: int) -> None:
+    """Overwrite the main database's record count in both LMDB meta pages."""
+    page_size = 4096
+    offset = 16 + 24 + 48 + 32  # page header, meta fields, the free-list db, md_entries
+    with path.open("r+b") as file:
+        for page in (0, 1):
+            file.seek(page * page_size + offset)
+            file.write(entries.to_bytes(8, "little"))
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 101])
+def test_check_passes_every_sound_table(tmp_path: Path, count: int) -> None:
+    db = make_table(tmp_path / "t.lmdb", {f"k{n:04d}": f"v{n}" for n in range(count)}, info=False)
+    fd = os.open(db, os.O_RDONLY)
+    try:
+        verify.in_child()(db, fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("claimed", [2, 99, 103, 1000])
+def test_check_refuses_a_table_that_lies_about_its_record_count(
+    tmp_path: Path, claimed: int
+) -> None:
+    """Each child walks half the count: a false count must not leave records unread."""
+    db = make_table(tmp_path / "t.lmdb", {f"k{n:04d}": f"v{n}" for n in range(101)}, info=False)
+    _set_record_count(db, claimed)
+    fd = os.open(db, os.O_RDONLY)
+    try:
+        with pytest.raises(TableError, match="corrupt"):
+            verify.in_child()(db, fd)
+    finally:
+        os.close(fd)
