@@ -485,7 +485,9 @@ def test_interrupt_while_writing_leaves_previous_table(
 ) -> None:
     """SIGINT during the write stage keeps the old table and removes the temp file."""
     src, db, before = previous
-    src.write_text("".join(f"key{i:07d} value{i}\n" for i in range(600_000)))
+    # Large enough that writing lasts a good part of a second (the fast builder
+    # writes about 10 records per microsecond).
+    src.write_text("".join(f"key{i:07d} value{i}\n" for i in range(3_000_000)))
     before["map"] = src.read_bytes()
     child = subprocess.Popen(
         [sys.executable, "-m", "tcpmap_lmdb.build", str(src)],
