@@ -55,7 +55,7 @@ class Server:
         self._servers = [
             StreamServer(
                 endpoint.sock,
-                functools.partial(self._handle, session_factory(endpoint.binding, maps, config)),
+                _Handler(self, session_factory(endpoint.binding, maps, config)).handle,
                 spawn=self._pool,
             )
             for endpoint in self._endpoints
@@ -156,6 +156,23 @@ class Server:
             self.lookups += answered
             watch.last = time.monotonic()  # the idle clock restarts
         return close is None
+
+
+class _Handler:
+    """StreamServer's handle for one listener: a bound method, not functools.partial.
+
+    A call through partial (C) starts a new interpreter frame on the C stack,
+    which every connection's greenlet would carry, and copy at every switch.
+    """
+
+    __slots__ = ("_new_session", "_server")
+
+    def __init__(self, server: Server, new_session: SessionFactory) -> None:
+        self._server = server
+        self._new_session = new_session
+
+    def handle(self, sock: gevent.socket.socket, address: object) -> None:
+        self._server._handle(self._new_session, sock, address)
 
 
 class _Wire:
