@@ -45,7 +45,7 @@ fuzz: venv
 deb:
 	sh scripts/build-deb.sh
 
-# About 6 minutes (plus about 2 the first time, for the 10M-key table): tests/bench/.
+# About 4 minutes (plus about 2 the first time, for the 10M-key table): tests/bench/
 bench: venv
 	sh scripts/system-deps.sh test
 	$(BIN)/python -m tests.bench
