@@ -148,6 +148,15 @@ class LineBuffer:
             lines.pop()
         return lines
 
+    def whole_line(self, data: bytes) -> bytes | None:
+        """DATA without its LF if it is exactly one line and nothing is buffered, else None.
+
+        What a client that waits for each reply sends: no need to split or buffer.
+        """
+        if not self._buffer and 0 < len(data) <= self._limit and data.find(b"\n") == len(data) - 1:
+            return data[:-1]
+        return None
+
     @property
     def pending(self) -> int:
         """Bytes of an incomplete line held back."""

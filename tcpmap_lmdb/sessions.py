@@ -67,6 +67,9 @@ class TcpTableSession:
         self._buffer = protocol.LineBuffer()
 
     def receive(self, data: bytes) -> Iterable[Output]:
+        line = self._buffer.whole_line(data)
+        if line is not None:  # the usual case, and the fast path
+            return ((self._responder.answer(line), 1, None),)
         try:
             lines, close = self._buffer.feed(data), None
         except protocol.LineTooLong as exc:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from tcpmap_lmdb import protocol
 from tcpmap_lmdb.responder import Responder
+from tcpmap_lmdb.sessions import TcpTableSession
 from tcpmap_lmdb.table import TableError
 
 # Twisted's PostfixTCPMapQuoteTests.testData: (raw, quoted, *other accepted spellings).
@@ -339,3 +340,41 @@ def test_found_quotes_like_reply(value: bytes) -> None:
     line = protocol.found(value)
     expected = protocol.reply(200, value)
     assert line == (expected if value and len(expected) <= protocol.MAX_REPLY else None)
+
+
+class _FramedOnly(protocol.LineBuffer):
+    """A LineBuffer without the one-line shortcut: everything goes through feed()."""
+
+    def whole_line(self, data: bytes) -> bytes | None:
+        return None
+
+
+def _general_path(data: bytes, buffered: bytes) -> list[tuple[bytes, int, str | None]]:
+    session = TcpTableSession(responder(TWISTED_DATA))
+    session._buffer = _FramedOnly()
+    if buffered:
+        list(session.receive(buffered))
+    return list(session.receive(data))
+
+
+@given(
+    st.binary(max_size=30) | st.sampled_from([b"get foo\n", b"get bar\n", b"get foo", b"\n"]),
+    st.sampled_from([b"", b"get f", b"get foo\n"]),
+)
+def test_one_whole_line_is_answered_as_the_general_path_would(data: bytes, buffered: bytes) -> None:
+    """The shortcut for one complete line gives exactly the framed path's outputs."""
+    session = TcpTableSession(responder(TWISTED_DATA))
+    if buffered:
+        list(session.receive(buffered))
+    assert list(session.receive(data)) == _general_path(data, buffered)
+
+
+def test_whole_line_takes_only_one_complete_line_with_nothing_buffered() -> None:
+    buffer = protocol.LineBuffer(limit=10)
+    assert buffer.whole_line(b"get a\n") == b"get a"
+    assert buffer.whole_line(b"get a\nget b\n") is None  # two lines
+    assert buffer.whole_line(b"get a") is None  # no LF yet
+    assert buffer.whole_line(b"") is None
+    assert buffer.whole_line(b"get abcdef\n") is None  # over the limit: the framer says so
+    buffer.feed(b"get")
+    assert buffer.whole_line(b" a\n") is None  # the start of the line is buffered
