@@ -49,8 +49,6 @@ class Responder:
         return protocol.found(value) or protocol.VALUE_TOO_LONG
 
     def answer_all(self, lines: list[bytes]) -> bytes:
-        if len(lines) == 1:  # a client that waits for each reply, like Postfix
-            return self.answer(lines[0])
         return b"".join([self.answer(line) for line in lines])
 
 

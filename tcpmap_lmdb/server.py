@@ -209,21 +209,18 @@ class _Wire:
 
     def receive(self) -> bytes:
         """The client's next bytes (b"" when it has closed); waits for them first."""
-        read = self._read
         while True:
             self.waiting = True  # between requests: a stop may end the wait
-            read.start(self._resume)
             try:
-                _switch(self._hub)  # as in _wait(), inline: once per request
+                self._wait(self._read)
             finally:
-                read.stop()
                 self.waiting = False
             try:
                 return self.sock.recv(RECV_SIZE)
             except BlockingIOError:
                 continue
 
-    def send(self, data: memoryview) -> int:
+    def send(self, data: bytes | memoryview) -> int:
         """Send what fits now, waiting only when nothing does."""
         while True:
             try:
@@ -300,21 +297,15 @@ class _IdleWatch:
 
 def _send_all(wire: _Wire, data: bytes, watch: _IdleWatch) -> None:
     """sendall() that survives the idle watch firing while a busy client reads slowly."""
-    try:
-        sent = wire.sock.send(data)
-    except BlockingIOError:
-        sent = 0
-    if sent == len(data):  # nearly always: the replies fit in the socket buffer
-        return
-    view = memoryview(data)[sent:]
-    while view:
+    rest: bytes | memoryview = data  # a memoryview only once a send falls short
+    while rest:
         try:
-            sent = wire.send(view)
+            sent = wire.send(rest)
         except _IdleTimeout as exc:
             if watch.expired(exc):
                 raise
             continue  # nothing was sent by the interrupted call: send it again
-        view = view[sent:]
+        rest = memoryview(rest)[sent:] if sent < len(rest) else b""
 
 
 def session_factory(binding: Binding, maps: Maps, config: ServerConfig) -> SessionFactory:

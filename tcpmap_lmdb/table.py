@@ -142,7 +142,7 @@ class Table:
         Raises TableError for a stored value Postfix could not use (empty).
         """
         if self.folded:
-            key = key.lower() if key.isascii() else fold(key)  # fold(), one call less
+            key = fold(key)
         if len(key) > MAX_KEY_BYTES or not key:
             return None  # longer than any key LMDB can hold
         try:
