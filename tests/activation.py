@@ -13,10 +13,11 @@ import shlex
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from conftest import LoggedProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE_UNIT = ROOT / "systemd" / "tcpmap.service"
@@ -76,12 +77,14 @@ def unix_listener(path: Path) -> socket.socket:
     return sock
 
 
-class Activated:
+class Activated(LoggedProcess):
     """A server process started with listening sockets passed as fds 3, 4, ...
 
     The sockets stay open in this process too, as systemd keeps them: when the
     server exits, new connections wait in the backlog instead of being refused.
     """
+
+    wait_timeout = 10.0
 
     def __init__(
         self,
@@ -106,7 +109,7 @@ class Activated:
             "LISTEN_FDNAMES": ":".join(names),
         }
         # sd_listen_fds() checks LISTEN_PID == getpid(): let the shell set it, then exec.
-        self.proc = subprocess.Popen(
+        proc = subprocess.Popen(
             ["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *argv],
             preexec_fn=move_fds,  # noqa: PLW1509 - fds must be moved between fork and exec
             pass_fds=targets,
@@ -114,37 +117,10 @@ class Activated:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        self.logs: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read_logs, daemon=True)
-        self._reader.start()
-
-    def _read_logs(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            with self._changed:
-                self.logs.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self._changed.notify_all()
-
-    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> str:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.logs:
-                    if regex.search(line):
-                        return line
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"no log line matching {pattern!r}; got {self.logs}")
-                self._changed.wait(min(left, 0.5))
+        super().__init__(proc, proc.stderr)
 
     def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        code = self.proc.wait(timeout)
-        self._reader.join(timeout)
-        return code
+        return super().stop(timeout)
 
 
 class NotifySocket:

@@ -16,10 +16,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 import lmdb
 import pytest
@@ -184,39 +184,23 @@ def server_command(*args: str | Path) -> list[str]:
     return [sys.executable, "-c", _LAUNCHER, *map(str, args)]
 
 
-_LISTENING = re.compile(r"INFO: listening on (\S+):(\d+)$")
+class LoggedProcess:
+    """A child process whose output lines are collected as they come, to wait for."""
 
+    wait_timeout = REPLY_TIMEOUT  # the default for wait_for_log(s)
 
-class ServerProcess:
-    """A tcpmap-server subprocess; its stderr lines are collected as they come."""
-
-    def __init__(self, db: Path, args: tuple[str, ...]) -> None:
-        self.db = db
-        self.proc = subprocess.Popen(
-            server_command("--db", db, *args),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    def __init__(self, proc: subprocess.Popen[bytes], stream: IO[bytes] | None) -> None:
+        """PROC writes its log to STREAM (one of its pipes)."""
+        self.proc = proc
         self.logs: list[str] = []
         self._eof = False
         self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader = threading.Thread(target=self._collect, args=(stream,), daemon=True)
         self._reader.start()
-        try:
-            match = self.wait_for_log(_LISTENING.pattern, timeout=START_TIMEOUT)
-        except BaseException:
-            self.kill()
-            raise
-        self.host = match.group(1)
-        self.port = int(match.group(2))
-        self.address = ("127.0.0.1", self.port)
 
-    def _collect(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
+    def _collect(self, stream: IO[bytes] | None) -> None:
+        assert stream is not None
+        for raw in stream:
             with self._changed:
                 self.logs.append(raw.decode("utf-8", "replace").rstrip("\n"))
                 self._changed.notify_all()
@@ -229,27 +213,30 @@ class ServerProcess:
         with self._changed:
             return len(self.logs)
 
-    def wait_for_log(
-        self, pattern: str, timeout: float = REPLY_TIMEOUT, since: int = 0
-    ) -> re.Match[str]:
-        """The first log line from SINCE on that matches PATTERN (re.search), waiting for it."""
+    def wait_for_logs(
+        self, pattern: str, count: int = 1, timeout: float | None = None, since: int = 0
+    ) -> list[re.Match[str]]:
+        """The first COUNT log lines from SINCE on that match PATTERN (re.search), waiting."""
         regex = re.compile(pattern)
+        timeout = self.wait_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                for line in self.logs[since:]:
-                    if match := regex.search(line):
-                        return match
-                since = max(since, len(self.logs))
+                matches = [m for line in self.logs[since:] if (m := regex.search(line))]
+                if len(matches) >= count:
+                    return matches[:count]
                 remaining = deadline - time.monotonic()
                 if self._eof or remaining <= 0:
-                    why = "the server exited" if self._eof else f"{timeout}s passed"
+                    why = "the process exited" if self._eof else f"{timeout}s passed"
                     log = "\n".join(self.logs)
-                    raise AssertionError(f"no log line matching {pattern!r}; {why}. Log:\n{log}")
+                    raise AssertionError(f"{count} x {pattern!r} not logged; {why}. Log:\n{log}")
                 self._changed.wait(remaining)
 
-    def connect(self, timeout: float = REPLY_TIMEOUT) -> Conn:
-        return Conn(self.port, timeout=timeout)
+    def wait_for_log(
+        self, pattern: str, timeout: float | None = None, since: int = 0
+    ) -> re.Match[str]:
+        """The first log line from SINCE on that matches PATTERN (re.search), waiting for it."""
+        return self.wait_for_logs(pattern, 1, timeout, since)[0]
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
@@ -262,7 +249,7 @@ class ServerProcess:
             returncode = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"server still running {timeout}s after SIGTERM") from None
+            raise AssertionError(f"still running {timeout}s after SIGTERM") from None
         self._reader.join(timeout)
         return returncode
 
@@ -270,6 +257,48 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(STOP_TIMEOUT)
+
+    def check_clean_exit(self) -> None:
+        """Stop it; it must exit 0 without a traceback."""
+        returncode = self.stop()
+        log = "\n".join(self.logs)
+        assert returncode == 0, f"exit status {returncode}. Log:\n{log}"
+        assert "Traceback" not in log, log
+
+
+def start_server(args: Sequence[str | Path], prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """tcpmap-server ARGS (run through PREFIX, e.g. setpriv), its log on stdout."""
+    return subprocess.Popen(
+        [*prefix, *server_command(*args)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+_LISTENING = re.compile(r"INFO: listening on (\S+):(\d+)$")
+
+
+class ServerProcess(LoggedProcess):
+    """tcpmap-server --db DB ARGS, started through PREFIX; up once it listens."""
+
+    def __init__(self, db: Path, args: tuple[str, ...], prefix: Sequence[str] = ()) -> None:
+        self.db = db
+        proc = start_server(("--db", db, *args), prefix)
+        super().__init__(proc, proc.stdout)
+        try:
+            match = self.wait_for_log(_LISTENING.pattern, timeout=START_TIMEOUT)
+        except BaseException:
+            self.kill()
+            raise
+        self.host = match.group(1)
+        self.port = int(match.group(2))
+        self.address = ("127.0.0.1", self.port)
+
+    def connect(self, timeout: float = REPLY_TIMEOUT) -> Conn:
+        return Conn(self.port, timeout=timeout)
 
 
 class StartServer(Protocol):
@@ -291,8 +320,7 @@ def server() -> Iterator[StartServer]:
     yield start
     for process in started:
         if process.proc.returncode is None:
-            returncode = process.stop()
-            assert returncode == 0, f"exit status {returncode}. Log:\n" + "\n".join(process.logs)
+            process.check_clean_exit()
         assert not [line for line in process.logs if "Traceback" in line], "\n".join(process.logs)
 
 

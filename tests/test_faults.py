@@ -41,7 +41,6 @@ from conftest import (
     Conn,
     ServerProcess,
     make_table,
-    server_command,
 )
 from postfix_tools import postfix_config_dir, require_postfix, run_postfix
 from test_robustness import SocketmapConn, assert_clean_exit
@@ -76,37 +75,6 @@ class Dual:
         return Conn(self.tcp_port), SocketmapConn(self.sm_port)
 
 
-class Unprivileged(ServerProcess):
-    """A ServerProcess without DAC capabilities: root reads a chmod 000 file, it cannot.
-
-    ServerProcess.__init__ starts the process itself, as us; this does the same through
-    setpriv and then shares the log collection and waiting of the parent.
-    """
-
-    def __init__(self, db: Path, args: tuple[str, ...]) -> None:
-        self.db = db
-        self.proc = subprocess.Popen(
-            [*UNPRIVILEGED, *server_command("--db", db, *args)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.logs = []
-        self._eof = False
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
-        try:
-            match = self.wait_for_log(r"INFO: listening on (\S+):(\d+)$", timeout=15)
-        except BaseException:
-            self.kill()
-            raise
-        self.host, self.port = match.group(1), int(match.group(2))
-        self.address = ("127.0.0.1", self.port)
-
-
 Start = Callable[..., Dual]
 
 
@@ -117,7 +85,7 @@ def start() -> Iterator[Start]:
 
     def run(db: Path, *args: str, unprivileged: bool = False) -> Dual:
         args = (*LISTENERS, *args)
-        srv = Unprivileged(db, args) if unprivileged else ServerProcess(db, args)
+        srv = ServerProcess(db, args, prefix=UNPRIVILEGED if unprivileged else ())
         started.append(srv)
         tcp = srv.wait_for_log(r"INFO: 127\.0\.0\.1:(\d+) serves tcp_table ")
         sm = srv.wait_for_log(r"INFO: 127\.0\.0\.1:(\d+) serves socketmap ")

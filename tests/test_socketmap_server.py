@@ -9,9 +9,7 @@ it exits 0 printing the value when found, 1 silently when not found, and 1 with
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
 import stat
 import subprocess
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from activation import Activated, exec_start, tcp_listener, unix_listener
-from conftest import ROOT, StartServer, make_table, server_command
+from conftest import ROOT, LoggedProcess, StartServer, make_table, server_command, start_server
 from postfix_tools import run_postfix
 
 from tcpmap_lmdb import socketmap
@@ -54,7 +52,7 @@ BIG = {b"fits": FITS, b"over": OVER}
 _LISTENING = re.compile(r"INFO: listening on (\S+)$")
 
 
-class Served:
+class Served(LoggedProcess):
     """tcpmap-server with exactly ARGS (no implied --db or --listen), its log collected.
 
     Waits until every --listen has logged its "listening on" line; endpoints[i]
@@ -62,19 +60,8 @@ class Served:
     """
 
     def __init__(self, args: Sequence[str | Path]) -> None:
-        self.proc = subprocess.Popen(
-            server_command(*args),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.logs: list[str] = []
-        self._eof = False
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
+        proc = start_server(args)
+        super().__init__(proc, proc.stdout)
         expected = sum(1 for arg in args if arg == "--listen")
         try:
             lines = self.wait_for_logs(_LISTENING.pattern, expected, START_TIMEOUT)
@@ -82,34 +69,6 @@ class Served:
             self.kill()
             raise
         self.endpoints = [match.group(1) for match in lines]
-
-    def _collect(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            with self._changed:
-                self.logs.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._eof = True
-            self._changed.notify_all()
-
-    def wait_for_logs(
-        self, pattern: str, count: int = 1, timeout: float = REPLY_TIMEOUT
-    ) -> list[re.Match[str]]:
-        """The first COUNT log lines matching PATTERN (re.search), waiting for them."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                matches = [m for line in self.logs if (m := regex.search(line))]
-                if len(matches) >= count:
-                    return matches[:count]
-                remaining = deadline - time.monotonic()
-                if self._eof or remaining <= 0:
-                    why = "the server exited" if self._eof else f"{timeout}s passed"
-                    log = "\n".join(self.logs)
-                    raise AssertionError(f"{count} x {pattern!r} not logged; {why}. Log:\n{log}")
-                self._changed.wait(remaining)
 
     def port(self, index: int = 0) -> int:
         host, _, port = self.endpoints[index].rpartition(":")
@@ -120,29 +79,6 @@ class Served:
         where = self.endpoints[index]
         assert where.startswith("unix:"), where
         return Path(where[5:])
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM, wait (bounded), return the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            returncode = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"server still running {timeout}s after SIGTERM") from None
-        self._reader.join(timeout)
-        return returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(STOP_TIMEOUT)
-
-    def check_clean_exit(self) -> None:
-        returncode = self.stop()
-        log = "\n".join(self.logs)
-        assert returncode == 0, f"exit status {returncode}. Log:\n{log}"
-        assert "Traceback" not in log, log
 
 
 Launch = Callable[..., Served]
