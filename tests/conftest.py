@@ -25,7 +25,7 @@ import lmdb
 import pytest
 from postfix_tools import postfix_config_dir, require_postfix
 
-from tcpmap_lmdb import dbformat, protocol
+from tcpmap_lmdb import dbformat, protocol, socketmap
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 15.0  # a cold interpreter importing gevent, on a loaded CI box
@@ -166,6 +166,123 @@ class Conn:
         self.sock.close()
 
     def __enter__(self) -> Conn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- socketmap replies and a raw client --------------------------------------------
+
+SOCKETMAP_STATUSES = {b"OK", b"NOTFOUND", b"TEMP", b"PERM"}
+
+
+def check_socketmap_reply(payload: bytes) -> tuple[bytes, bytes]:
+    """Assert PAYLOAD (one reply netstring's data) is a reply Postfix's client accepts.
+
+    socketmap_table(5), postfix-maps.md 2.1: at most 100000 bytes; a status word, SP,
+    then text; OK carries a non-empty value, TEMP and PERM a reason, NOTFOUND nothing.
+    """
+    assert len(payload) <= socketmap.MAX_REPLY, f"reply of {len(payload)} bytes"
+    status, sep, text = payload.partition(b" ")
+    assert sep == b" ", f"no SP after the status: {payload[:100]!r}"
+    assert status in SOCKETMAP_STATUSES, f"unknown status: {payload[:100]!r}"
+    if status == b"NOTFOUND":
+        assert text == b"", f"NOTFOUND with text: {payload[:100]!r}"
+    else:
+        assert text, f"{status!r} without a value or reason: {payload[:100]!r}"
+    return status, text
+
+
+def split_netstrings(data: bytes) -> list[bytes]:
+    """The payloads of a byte stream that must be nothing but canonical netstrings."""
+    payloads = []
+    limit = len(str(socketmap.MAX_REPLY))
+    while data:
+        match = re.match(rb"(0|[1-9][0-9]{0,%d}):" % (limit - 1), data)
+        assert match, f"not a netstring length: {data[:20]!r}"
+        start = match.end()
+        end = start + int(match.group(1))
+        assert len(data) > end, f"netstring cut short: {data[:100]!r}"
+        assert data[end : end + 1] == b",", f"netstring not ended by ',': {data[:100]!r}"
+        payloads.append(data[start:end])
+        data = data[end + 1 :]
+    return payloads
+
+
+class SocketmapConn:
+    """One raw socketmap connection; every reply read is checked as Postfix's client reads it.
+
+    WHERE is a port on 127.0.0.1, a (host, port), or the path of a unix socket.
+    """
+
+    def __init__(self, where: int | tuple[str, int] | Path, timeout: float = REPLY_TIMEOUT) -> None:
+        if isinstance(where, Path):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(str(where))
+        else:
+            address = ("127.0.0.1", where) if isinstance(where, int) else where
+            self.sock = socket.create_connection(address, timeout=timeout)
+            # Each send leaves at once, so split requests really arrive split.
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_payload(self, timeout: float = REPLY_TIMEOUT) -> bytes:
+        """The payload of the next reply netstring, checked."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.match(rb"(\d{1,7}):", self._buffer)
+            if match and len(self._buffer) > match.end() + int(match.group(1)):
+                end = match.end() + int(match.group(1)) + 1
+                (payload,) = split_netstrings(self._buffer[:end])
+                self._buffer = self._buffer[end:]
+                check_socketmap_reply(payload)
+                return payload
+            assert match or len(self._buffer) < 8, f"bad reply: {self._buffer[:100]!r}"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no reply within {timeout}s; have {self._buffer[:100]!r}")
+            self.sock.settimeout(remaining)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"server closed the connection; have {self._buffer[:100]!r}")
+            self._buffer += chunk
+
+    def read_reply(self, timeout: float = REPLY_TIMEOUT) -> tuple[bytes, bytes]:
+        """The next reply, checked: (status, text)."""
+        return check_socketmap_reply(self.read_payload(timeout))
+
+    def ask_payload(self, name: bytes, key: bytes) -> bytes:
+        """Look KEY up in map NAME as Postfix's dict_sockmap does; nothing else may arrive."""
+        self.send(socketmap.request(name, key))
+        payload = self.read_payload()
+        assert self._buffer == b"", f"more than one reply: {payload!r} then {self._buffer!r}"
+        return payload
+
+    def ask(self, name: bytes, key: bytes) -> tuple[bytes, bytes]:
+        """ask_payload(), as (status, text)."""
+        return check_socketmap_reply(self.ask_payload(name, key))
+
+    def read_eof(self, timeout: float = REPLY_TIMEOUT, *, reset_ok: bool = False) -> None:
+        """Wait until the server hangs up (RESET_OK: a reset counts); nothing may arrive first."""
+        assert self._buffer == b"", f"unread data: {self._buffer!r}"
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            if reset_ok:
+                return
+            raise
+        assert data == b"", f"expected EOF, got {data[:100]!r}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> SocketmapConn:
         return self
 
     def __exit__(self, *exc: object) -> None:

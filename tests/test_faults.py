@@ -40,10 +40,10 @@ from conftest import (
     STOP_TIMEOUT,
     Conn,
     ServerProcess,
+    SocketmapConn,
     make_table,
 )
 from postfix_tools import postfix_config_dir, require_postfix, run_postfix
-from test_robustness import SocketmapConn, assert_clean_exit
 
 from tcpmap_lmdb import build, protocol
 from tcpmap_lmdb.table import CHECK_PATIENCE
@@ -246,7 +246,7 @@ def test_fault_at_start_answers_400_then_recovers(
         assert_refused(dual, reason, tcp, sm)
         make_table(db, SMALL)
         assert_served(dual, SMALL, tcp, sm)
-    assert_clean_exit(dual.srv)
+    dual.srv.check_clean_exit()
 
 
 @pytest.mark.parametrize("fault", list(FAULTS | IN_PLACE))
@@ -270,7 +270,7 @@ def test_fault_while_serving_answers_400_then_recovers(
         )
         make_table(db, SMALL)
         assert_served(dual, SMALL, tcp, sm)
-    assert_clean_exit(dual.srv)
+    dual.srv.check_clean_exit()
 
 
 @pytest.mark.parametrize("when", ["at-start", "while-serving"])
@@ -291,7 +291,7 @@ def test_permission_denied_answers_400_until_readable(
         dual.srv.wait_for_log(r"WARNING: table unavailable: cannot open .*: Permission denied")
         db.chmod(0o644)
         assert_served(dual, SMALL, tcp, sm)
-    assert_clean_exit(dual.srv)
+    dual.srv.check_clean_exit()
 
 
 # --- intact meta pages over a broken B-tree -------------------------------------------------------
@@ -347,7 +347,7 @@ def _corrupt_under_server(
             )
         make_table(db, SMALL)
         assert_served(dual, SMALL, tcp, sm)
-    assert_clean_exit(dual.srv)
+    dual.srv.check_clean_exit()
 
 
 @pytest.mark.parametrize("when", ["at-start", "while-serving"])
@@ -469,7 +469,7 @@ def test_republishing_under_load_loses_no_lookup(start: Start, tmp_path: Path, k
     assert during >= PUBLICATIONS // 4, f"only {during} lookups overlapped the publications"
     assert load.switches >= 5, f"versions switched only {load.switches} times"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1.txt", "v2.txt", "virtual.lmdb"]
-    assert_clean_exit(dual.srv)
+    dual.srv.check_clean_exit()
 
 
 @pytest.mark.parametrize("kind", ["tcp", "socketmap"])
@@ -495,7 +495,7 @@ def test_back_to_back_publications_lose_no_lookup(start: Start, tmp_path: Path, 
             publications += 1
     assert load.errors == [], f"after {publications} publications and {load.lookups} lookups"
     assert load.seen["v1"] and load.seen["v2"]
-    assert_clean_exit(dual.srv)
+    dual.srv.check_clean_exit()
 
 
 # --- while a new table is checked (verify.py) -----------------------------------------------------
@@ -589,7 +589,7 @@ def test_clients_are_answered_from_the_current_table_during_a_check(
                 assert sm.ask(b"virtual", b"alice@example.com") == (b"OK", b"one")
         assert trigger.read_line() == b"200 two\n"
         assert other.ask("alice@example.com") == (200, b"two")
-    assert_clean_exit(dual.srv)
+    dual.srv.check_clean_exit()
 
 
 def test_hang_ups_take_effect_at_once_during_a_check(
@@ -605,7 +605,7 @@ def test_hang_ups_take_effect_at_once_during_a_check(
             assert victim.read_line() == protocol.LINE_TOO_LONG
             victim.read_eof(timeout=2)
         assert trigger.read_line() == b"200 two\n"
-    assert_clean_exit(dual.srv)
+    dual.srv.check_clean_exit()
 
 
 def test_port_refuses_connections_once_the_server_exits_during_a_check(
@@ -697,7 +697,7 @@ def test_disk_full_keeps_serving_the_old_table(
         assert build.main(["-q", "-o", str(db), str(small)]) == 0
         assert_served(dual, changed, tcp, sm)
     assert [p.name for p in tiny_fs.iterdir()] == ["virtual.lmdb"]
-    assert_clean_exit(dual.srv)
+    dual.srv.check_clean_exit()
 
 
 @pytest.mark.parametrize(

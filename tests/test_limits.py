@@ -16,8 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPLY_TIMEOUT, Conn, MakeTable, ServerProcess, StartServer, server_command
-from test_robustness import SocketmapConn
+from conftest import (
+    REPLY_TIMEOUT,
+    Conn,
+    MakeTable,
+    ServerProcess,
+    SocketmapConn,
+    StartServer,
+    server_command,
+)
 
 from tcpmap_lmdb import protocol
 

@@ -12,7 +12,6 @@ at the end the server must exit 0 on SIGTERM with no Traceback in its log.
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 from collections.abc import Iterator
@@ -20,7 +19,15 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 import pytest
-from conftest import REPLY_TIMEOUT, Conn, ServerProcess, check_reply, make_table
+from conftest import (
+    Conn,
+    ServerProcess,
+    SocketmapConn,
+    check_reply,
+    check_socketmap_reply,
+    make_table,
+    split_netstrings,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -61,7 +68,6 @@ TCP_LINE_LIMIT = protocol.MAX_REQUEST  # a line this long, LF not counted, is re
 # socketmap.py accepts a netstring length of up to len(str(MAX_REQUEST)) + 8 digits
 # (leading zeros, as Postfix's reader does); one digit more is a framing error.
 NETSTRING_MAX_DIGITS = len(str(socketmap.MAX_REQUEST)) + 8
-SOCKETMAP_STATUSES = {b"OK", b"NOTFOUND", b"TEMP", b"PERM"}
 EXAMPLE_TIMEOUT = 10.0  # one example's replies, however long its lines
 
 FUZZ = settings(
@@ -102,15 +108,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         sm = srv.wait_for_log(r"INFO: 127\.0\.0\.1:(\d+) serves socketmap ")
         yield Served(srv, int(tcp.group(1)), int(sm.group(1)))
     finally:
-        assert_clean_exit(srv)
-
-
-def assert_clean_exit(srv: ServerProcess) -> None:
-    """SIGTERM: exit status 0 and not one Traceback in the whole log."""
-    returncode = srv.stop()
-    log = "\n".join(srv.logs)
-    assert returncode == 0, f"exit status {returncode}. Log:\n{log}"
-    assert "Traceback" not in log, log
+        srv.check_clean_exit()
 
 
 def assert_still_serving(served: Served) -> None:
@@ -122,98 +120,7 @@ def assert_still_serving(served: Served) -> None:
         assert control.ask(b"other", b"Bob@Example.org") == (b"OK", b"bob-in-other")
 
 
-# --- socketmap replies: grammar and a raw client -------------------------------------------
-
-
-def check_socketmap_reply(payload: bytes) -> tuple[bytes, bytes]:
-    """Assert PAYLOAD (one reply netstring's data) is a reply Postfix's client accepts.
-
-    socketmap_table(5), postfix-maps.md 2.1: at most 100000 bytes; a status word, SP,
-    then text; OK carries a non-empty value, TEMP and PERM a reason, NOTFOUND nothing.
-    """
-    assert len(payload) <= socketmap.MAX_REPLY, f"reply of {len(payload)} bytes"
-    status, sep, text = payload.partition(b" ")
-    assert sep == b" ", f"no SP after the status: {payload[:100]!r}"
-    assert status in SOCKETMAP_STATUSES, f"unknown status: {payload[:100]!r}"
-    if status == b"NOTFOUND":
-        assert text == b"", f"NOTFOUND with text: {payload[:100]!r}"
-    else:
-        assert text, f"{status!r} without a value or reason: {payload[:100]!r}"
-    return status, text
-
-
-def split_netstrings(data: bytes) -> list[bytes]:
-    """The payloads of a byte stream that must be nothing but canonical netstrings."""
-    payloads = []
-    limit = len(str(socketmap.MAX_REPLY))
-    while data:
-        match = re.match(rb"(0|[1-9][0-9]{0,%d}):" % (limit - 1), data)
-        assert match, f"not a netstring length: {data[:20]!r}"
-        start = match.end()
-        end = start + int(match.group(1))
-        assert len(data) > end, f"netstring cut short: {data[:100]!r}"
-        assert data[end : end + 1] == b",", f"netstring not ended by ',': {data[:100]!r}"
-        payloads.append(data[start:end])
-        data = data[end + 1 :]
-    return payloads
-
-
-class SocketmapConn:
-    """One socketmap connection on loopback; every reply read is grammar-checked."""
-
-    def __init__(self, port: int, timeout: float = REPLY_TIMEOUT) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._buffer = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def read_reply(self, timeout: float = REPLY_TIMEOUT) -> tuple[bytes, bytes]:
-        """The next reply, checked: (status, text)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.match(rb"(\d{1,7}):", self._buffer)
-            if match and len(self._buffer) > match.end() + int(match.group(1)):
-                end = match.end() + int(match.group(1)) + 1
-                (payload,) = split_netstrings(self._buffer[:end])
-                self._buffer = self._buffer[end:]
-                return check_socketmap_reply(payload)
-            assert match or len(self._buffer) < 8, f"bad reply: {self._buffer[:100]!r}"
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no reply within {timeout}s; have {self._buffer[:100]!r}")
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(f"server closed the connection; have {self._buffer[:100]!r}")
-            self._buffer += chunk
-
-    def ask(self, name: bytes, key: bytes) -> tuple[bytes, bytes]:
-        """Look KEY up in map NAME as Postfix's dict_sockmap does; (status, text)."""
-        self.send(socketmap.request(name, key))
-        reply = self.read_reply()
-        assert self._buffer == b"", f"more than one reply: {reply!r} then {self._buffer!r}"
-        return reply
-
-    def read_eof(self, timeout: float = REPLY_TIMEOUT) -> None:
-        """Wait until the server hangs up; nothing may arrive before."""
-        assert self._buffer == b"", f"unread data: {self._buffer!r}"
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536)
-        except ConnectionResetError:
-            return
-        assert data == b"", f"expected EOF, got {data[:100]!r}"
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> SocketmapConn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+# --- reading until the server hangs up ------------------------------------------------------
 
 
 def read_to_eof(sock: socket.socket, *, limit: int, timeout: float = EXAMPLE_TIMEOUT) -> bytes:
@@ -681,7 +588,7 @@ class Connections(RuleBasedStateMachine):
         self._finish_partial(client)
         if data.draw(st.booleans(), label="framing garbage"):
             client.sm.send(b"x" + line)  # not a netstring length: the server hangs up
-            client.sm.read_eof()
+            client.sm.read_eof(reset_ok=True)
             client.close()
             self.clients.remove(client)
         else:

@@ -15,13 +15,20 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from activation import Activated, exec_start, tcp_listener, unix_listener
-from conftest import ROOT, LoggedProcess, StartServer, make_table, server_command, start_server
+from conftest import (
+    ROOT,
+    LoggedProcess,
+    SocketmapConn,
+    StartServer,
+    make_table,
+    server_command,
+    start_server,
+)
 from postfix_tools import run_postfix
 
 from tcpmap_lmdb import socketmap
@@ -353,78 +360,6 @@ def test_oversize_value_is_a_temporary_error_never_a_truncated_ok(
 # --- raw sockets ------------------------------------------------------------------------
 
 
-class SocketmapConn:
-    """One raw client connection; every reply is checked as Postfix's client reads it."""
-
-    def __init__(self, where: tuple[str, int] | Path, timeout: float = REPLY_TIMEOUT) -> None:
-        if isinstance(where, Path):
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(timeout)
-            self.sock.connect(str(where))
-        else:
-            self.sock = socket.create_connection(where, timeout=timeout)
-            # Each send leaves at once, so split requests really arrive split.
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._buffer = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"no complete reply in time; have {self._buffer[:80]!r}")
-        self.sock.settimeout(remaining)
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise EOFError(f"server closed the connection; have {self._buffer[:80]!r}")
-        self._buffer += chunk
-
-    def read_reply(self, timeout: float = REPLY_TIMEOUT) -> bytes:
-        """The payload of the next reply netstring."""
-        deadline = time.monotonic() + timeout
-        while b":" not in self._buffer:
-            assert len(self._buffer) < 8, f"no ':' in {self._buffer!r}"
-            self._fill(deadline)
-        digits, _, rest = self._buffer.partition(b":")
-        assert digits.isdigit(), f"bad reply length {digits!r}"
-        length = int(digits)
-        assert length <= MAX_REPLY, f"reply payload of {length} bytes"
-        while len(rest) < length + 1:
-            self._fill(deadline)
-            rest = self._buffer.partition(b":")[2]
-        payload, comma, self._buffer = rest[:length], rest[length : length + 1], rest[length + 1 :]
-        assert comma == b",", f"reply not terminated by ',': {comma!r}"
-        status, space, value = payload.partition(b" ")
-        assert status in (b"OK", b"NOTFOUND", b"TEMP", b"PERM"), payload[:80]
-        if status == b"OK":
-            assert space and value, f"OK without a value: {payload!r}"
-        return payload
-
-    def ask(self, name: bytes, key: bytes) -> bytes:
-        """Send one request, read its reply payload; nothing else may have arrived."""
-        self.send(socketmap.request(name, key))
-        payload = self.read_reply()
-        assert self._buffer == b"", f"more than one reply: {payload!r} then {self._buffer!r}"
-        return payload
-
-    def read_eof(self, timeout: float = REPLY_TIMEOUT) -> None:
-        """Wait for the server to close; nothing may arrive first."""
-        assert self._buffer == b"", f"unread data: {self._buffer!r}"
-        self.sock.settimeout(timeout)
-        data = self.sock.recv(65536)
-        assert data == b"", f"expected EOF, got {data[:80]!r}"
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> SocketmapConn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def connect(srv: Served, transport: str = "inet") -> SocketmapConn:
     """A raw connection to SRV's first inet (or first unix) listener."""
     if transport == "inet":
@@ -452,8 +387,8 @@ def test_request_split_byte_by_byte_is_answered_once(shared: Served, transport: 
     with connect(shared, transport) as conn:
         for byte in socketmap.request(b"virtual", b"with space"):
             conn.send(bytes([byte]))
-        assert conn.read_reply() == b"OK space value"
-        assert conn.ask(b"virtual", b"100%") == b"OK percent"
+        assert conn.read_payload() == b"OK space value"
+        assert conn.ask_payload(b"virtual", b"100%") == b"OK percent"
 
 
 def test_coalesced_requests_are_answered_in_order(shared: Served, transport: str) -> None:
@@ -467,7 +402,7 @@ def test_coalesced_requests_are_answered_in_order(shared: Served, transport: str
     ]
     with connect(shared, transport) as conn:
         conn.send(b"".join(socketmap.request(name, key) for name, key in requests))
-        replies = [conn.read_reply() for _ in requests]
+        replies = [conn.read_payload() for _ in requests]
     assert replies[0] == b"OK alice@mail.example.com"
     assert replies[1].startswith(b"PERM ")
     assert replies[2] == b"NOTFOUND "
@@ -481,7 +416,7 @@ def test_many_pipelined_requests_on_one_connection_are_all_answered(shared: Serv
     keys = [b"100%" if i % 2 else b"missing-%d" % i for i in range(count)]
     with connect(shared) as conn:
         conn.send(b"".join(socketmap.request(b"virtual", key) for key in keys))
-        replies = [conn.read_reply() for _ in keys]
+        replies = [conn.read_payload() for _ in keys]
     assert replies == [b"OK percent" if i % 2 else b"NOTFOUND " for i in range(count)]
 
 
@@ -491,29 +426,29 @@ def test_split_and_coalesced_at_once(shared: Served) -> None:
     with connect(shared) as conn:
         for start in range(0, len(stream), 7):
             conn.send(stream[start : start + 7])
-        replies = [conn.read_reply() for _ in range(3)]
+        replies = [conn.read_payload() for _ in range(3)]
     assert replies == [b"OK percent", b"OK a space b", b"OK literal percent-20"]
 
 
 def test_unknown_map_keeps_the_connection_open(shared: Served, transport: str) -> None:
     """PERM is an answer, not a hang-up: the same connection serves the next request."""
     with connect(shared, transport) as conn:
-        assert conn.ask(b"nosuchmap", b"alice@example.com").startswith(b"PERM ")
-        assert conn.ask(b"virtual", b"alice@example.com") == b"OK alice@mail.example.com"
+        assert conn.ask_payload(b"nosuchmap", b"alice@example.com").startswith(b"PERM ")
+        assert conn.ask_payload(b"virtual", b"alice@example.com") == b"OK alice@mail.example.com"
 
 
 def test_request_of_the_largest_size_is_answered(shared: Served) -> None:
     """A request payload of MAX_REQUEST bytes is read whole and answered."""
     key = b"k" * (MAX_REQUEST - len(b"virtual "))
     with connect(shared) as conn:
-        assert conn.ask(b"virtual", key) == b"NOTFOUND "
+        assert conn.ask_payload(b"virtual", key) == b"NOTFOUND "
 
 
 def test_oversize_reply_over_raw_socket_is_temp(shared: Served) -> None:
     """The payload would be 100001 bytes: TEMP, never a truncated OK."""
     with connect(shared) as conn:
-        assert conn.ask(b"big", b"over").startswith(b"TEMP ")
-        assert conn.ask(b"big", b"fits") == b"OK " + FITS
+        assert conn.ask_payload(b"big", b"over").startswith(b"TEMP ")
+        assert conn.ask_payload(b"big", b"fits") == b"OK " + FITS
 
 
 @pytest.mark.parametrize(
@@ -526,13 +461,13 @@ def test_malformed_netstring_closes_that_connection_only(
 ) -> None:
     """Requests before the garbage are answered, then the server hangs up; others go on."""
     with connect(own, transport) as bystander, connect(own, transport) as offender:
-        assert bystander.ask(b"virtual", b"100%") == b"OK percent"
+        assert bystander.ask_payload(b"virtual", b"100%") == b"OK percent"
         offender.send(socketmap.request(b"virtual", b"a b") + garbage)
-        assert offender.read_reply() == b"OK a space b"
+        assert offender.read_payload() == b"OK a space b"
         offender.read_eof()
-        assert bystander.ask(b"virtual", b"with space") == b"OK space value"
+        assert bystander.ask_payload(b"virtual", b"with space") == b"OK space value"
     with connect(own, transport) as newcomer:
-        assert newcomer.ask(b"aliases", b"postmaster") == b"OK root"
+        assert newcomer.ask_payload(b"aliases", b"postmaster") == b"OK root"
     own.wait_for_logs(r"WARNING: .*closing")
 
 
@@ -542,7 +477,7 @@ def test_oversize_length_is_refused_without_waiting_for_the_payload(own: Served)
         conn.send(b"%d:" % (MAX_REQUEST + 1))
         conn.read_eof()
     with connect(own) as conn:
-        assert conn.ask(b"virtual", b"100%") == b"OK percent"
+        assert conn.ask_payload(b"virtual", b"100%") == b"OK percent"
 
 
 # --- several maps; tables changing under a running server --------------------------------
@@ -577,9 +512,9 @@ def test_rebuilt_table_is_seen_on_the_next_lookup(
 def test_rebuilt_table_is_seen_on_an_open_connection(own: Served, tmp_path: Path) -> None:
     """The same connection sees the new table after a rename, without reconnecting."""
     with connect(own) as conn:
-        assert conn.ask(b"aliases", b"postmaster") == b"OK root"
+        assert conn.ask_payload(b"aliases", b"postmaster") == b"OK root"
         make_table(tmp_path / "maps" / "aliases.lmdb", {"postmaster": "hostmaster"})
-        assert conn.ask(b"aliases", b"postmaster") == b"OK hostmaster"
+        assert conn.ask_payload(b"aliases", b"postmaster") == b"OK hostmaster"
 
 
 @pytest.mark.postfix
@@ -721,7 +656,7 @@ def test_stale_socket_file_is_replaced_at_start(launch: Launch, tmp_path: Path) 
     assert stat.S_ISSOCK(path.lstat().st_mode)
     srv = launch("--maps", maps_dir(tmp_path), "--listen", f"socketmap:unix:{path}")
     with connect(srv, "unix") as conn:
-        assert conn.ask(b"virtual", b"100%") == b"OK percent"
+        assert conn.ask_payload(b"virtual", b"100%") == b"OK percent"
 
 
 def test_regular_file_at_the_socket_path_is_never_removed(tmp_path: Path) -> None:
@@ -743,7 +678,7 @@ def test_live_server_socket_is_not_taken_over(launch: Launch, tmp_path: Path) ->
     assert result.returncode != 0
     assert "cannot listen" in result.stderr, result.stderr
     with connect(first, "unix") as conn:
-        assert conn.ask(b"virtual", b"100%") == b"OK percent"
+        assert conn.ask_payload(b"virtual", b"100%") == b"OK percent"
 
 
 def test_stopping_leaves_a_socket_file_that_another_server_now_owns(
@@ -758,7 +693,7 @@ def test_stopping_leaves_a_socket_file_that_another_server_now_owns(
     old.check_clean_exit()
     assert path.exists(), "stopping the old server removed the new server's socket"
     with connect(new, "unix") as conn:
-        assert conn.ask(b"virtual", b"100%") == b"OK percent"
+        assert conn.ask_payload(b"virtual", b"100%") == b"OK percent"
 
 
 def test_failed_start_removes_the_socket_files_it_created(tmp_path: Path) -> None:
