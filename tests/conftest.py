@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Protocol, Self
 
 import lmdb
 import pytest
@@ -115,17 +115,50 @@ def check_reply(line: bytes) -> tuple[int, bytes]:
     return code, decoded
 
 
-class Conn:
-    """One client connection on loopback; every reply read is checked by check_reply."""
+class RawConn:
+    """A client socket and what it has received but not yet read as replies."""
 
-    def __init__(self, port: int, *, host: str = "127.0.0.1", timeout: float = REPLY_TIMEOUT):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        # Requests go out when we send them, so the split tests split for real.
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, where: tuple[str, int] | Path, timeout: float) -> None:
+        if isinstance(where, Path):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(str(where))
+        else:
+            self.sock = socket.create_connection(where, timeout=timeout)
+            # Requests go out when we send them, so split requests really arrive split.
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = b""
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def read_eof(self, timeout: float = REPLY_TIMEOUT, *, reset_ok: bool = False) -> None:
+        """Wait until the server hangs up (RESET_OK: a reset counts); nothing may arrive first."""
+        assert self._buffer == b"", f"unread data: {self._buffer!r}"
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            if reset_ok:
+                return
+            raise
+        assert data == b"", f"expected EOF, got {data[:100]!r}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Conn(RawConn):
+    """One tcp_table connection on loopback; every reply read is checked by check_reply."""
+
+    def __init__(self, port: int, *, host: str = "127.0.0.1", timeout: float = REPLY_TIMEOUT):
+        super().__init__((host, port), timeout)
 
     def read_line(self, timeout: float = REPLY_TIMEOUT) -> bytes:
         """The next reply line, LF included; fails on EOF, timeout or an over-long line."""
@@ -154,22 +187,6 @@ class Conn:
     def ask(self, key: bytes | str) -> tuple[int, bytes]:
         """Look KEY up as Postfix does (hex-quoted get); (code, decoded text)."""
         return check_reply(self.exchange(protocol.request(_bytes(key))))
-
-    def read_eof(self, timeout: float = REPLY_TIMEOUT) -> None:
-        """Wait until the server closes the connection; nothing may arrive before."""
-        assert self._buffer == b"", f"unread data: {self._buffer!r}"
-        self.sock.settimeout(timeout)
-        data = self.sock.recv(65536)
-        assert data == b"", f"expected EOF, got {data[:100]!r}"
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Conn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --- socketmap replies and a raw client --------------------------------------------
@@ -210,26 +227,14 @@ def split_netstrings(data: bytes) -> list[bytes]:
     return payloads
 
 
-class SocketmapConn:
+class SocketmapConn(RawConn):
     """One raw socketmap connection; every reply read is checked as Postfix's client reads it.
 
     WHERE is a port on 127.0.0.1, a (host, port), or the path of a unix socket.
     """
 
     def __init__(self, where: int | tuple[str, int] | Path, timeout: float = REPLY_TIMEOUT) -> None:
-        if isinstance(where, Path):
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(timeout)
-            self.sock.connect(str(where))
-        else:
-            address = ("127.0.0.1", where) if isinstance(where, int) else where
-            self.sock = socket.create_connection(address, timeout=timeout)
-            # Each send leaves at once, so split requests really arrive split.
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._buffer = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        super().__init__(("127.0.0.1", where) if isinstance(where, int) else where, timeout)
 
     def read_payload(self, timeout: float = REPLY_TIMEOUT) -> bytes:
         """The payload of the next reply netstring, checked."""
@@ -266,27 +271,6 @@ class SocketmapConn:
     def ask(self, name: bytes, key: bytes) -> tuple[bytes, bytes]:
         """ask_payload(), as (status, text)."""
         return check_socketmap_reply(self.ask_payload(name, key))
-
-    def read_eof(self, timeout: float = REPLY_TIMEOUT, *, reset_ok: bool = False) -> None:
-        """Wait until the server hangs up (RESET_OK: a reset counts); nothing may arrive first."""
-        assert self._buffer == b"", f"unread data: {self._buffer!r}"
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536)
-        except ConnectionResetError:
-            if reset_ok:
-                return
-            raise
-        assert data == b"", f"expected EOF, got {data[:100]!r}"
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> SocketmapConn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --- the server -----------------------------------------------------------------
