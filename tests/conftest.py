@@ -93,6 +93,16 @@ def make_table_fixture() -> MakeTable:
     return make_table
 
 
+def raw_items(db: Path) -> dict[bytes, bytes]:
+    """Every record of an LMDB file, META_KEY included, exactly as stored."""
+    env = lmdb.open(str(db), subdir=False, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return dict(txn.cursor())
+    finally:
+        env.close()
+
+
 # --- replies and raw sockets --------------------------------------------------
 
 
@@ -132,6 +142,17 @@ class RawConn:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def _receive(self, deadline: float, timeout: float) -> None:
+        """Add the next bytes to the buffer; fails at DEADLINE (TIMEOUT from the start) or EOF."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no reply within {timeout}s; have {self._buffer[:100]!r}")
+        self.sock.settimeout(remaining)
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"server closed the connection; have {self._buffer[:100]!r}")
+        self._buffer += chunk
+
     def read_eof(self, timeout: float = REPLY_TIMEOUT, *, reset_ok: bool = False) -> None:
         """Wait until the server hangs up (RESET_OK: a reset counts); nothing may arrive first."""
         assert self._buffer == b"", f"unread data: {self._buffer!r}"
@@ -165,14 +186,7 @@ class Conn(RawConn):
         deadline = time.monotonic() + timeout
         while b"\n" not in self._buffer:
             assert len(self._buffer) < protocol.MAX_REPLY, f"no LF in {len(self._buffer)} bytes"
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no reply within {timeout}s; have {self._buffer[:100]!r}")
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(f"server closed the connection; have {self._buffer[:100]!r}")
-            self._buffer += chunk
+            self._receive(deadline, timeout)
         line, _, self._buffer = self._buffer.partition(b"\n")
         check_reply(line + b"\n")
         return line + b"\n"
@@ -248,14 +262,7 @@ class SocketmapConn(RawConn):
                 check_socketmap_reply(payload)
                 return payload
             assert match or len(self._buffer) < 8, f"bad reply: {self._buffer[:100]!r}"
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no reply within {timeout}s; have {self._buffer[:100]!r}")
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(f"server closed the connection; have {self._buffer[:100]!r}")
-            self._buffer += chunk
+            self._receive(deadline, timeout)
 
     def read_reply(self, timeout: float = REPLY_TIMEOUT) -> tuple[bytes, bytes]:
         """The next reply, checked: (status, text)."""
@@ -404,6 +411,21 @@ class ServerProcess(LoggedProcess):
 
 class StartServer(Protocol):
     def __call__(self, db: Path, *args: str) -> ServerProcess: ...
+
+
+def assert_refused_beyond_loopback(*args: str | Path) -> None:
+    """tcpmap-server ARGS must exit 2 at start, explaining why, before listening."""
+    result = subprocess.run(
+        server_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "authentication" in result.stderr
+    assert "--allow-remote" in result.stderr
+    assert "listening on" not in result.stderr
 
 
 @pytest.fixture

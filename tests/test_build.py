@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-import lmdb
 import pytest
+from conftest import raw_items
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,16 +31,6 @@ def source(tmp_path: Path, text: str | bytes, name: str = "map") -> Path:
 
 def run(*args: str | Path) -> int:
     return build.main([str(a) for a in args])
-
-
-def raw_items(db: Path) -> dict[bytes, bytes]:
-    """Every record of an LMDB file, META_KEY included, exactly as stored."""
-    env = lmdb.open(str(db), subdir=False, readonly=True, lock=False)
-    try:
-        with env.begin() as txn:
-            return dict(txn.cursor())
-    finally:
-        env.close()
 
 
 def records(db: Path) -> dict[bytes, bytes]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import lmdb
 import pytest
+from conftest import raw_items
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from postfix_tools import postfix_config_dir, require_postfix, run_postfix
@@ -30,15 +30,6 @@ POSTALIAS_EXTRAS = {b"@\x00", b"YP_LAST_MODIFIED", b"YP_MASTER_NAME"}
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     return postfix_config_dir(tmp_path)
-
-
-def raw_items(db: Path) -> dict[bytes, bytes]:
-    env = lmdb.open(str(db), subdir=False, readonly=True, lock=False)
-    try:
-        with env.begin() as txn:
-            return dict(txn.cursor())
-    finally:
-        env.close()
 
 
 def build_ours(directory: Path, name: str, text: bytes, *options: str) -> Path:

@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
-import lmdb
 import pytest
+from conftest import raw_items
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -172,12 +172,7 @@ def build_both(tmp: Path, data: bytes, *options: str) -> None:
 
 def stored(db: Path) -> dict[bytes, bytes]:
     """Every record as stored; from the build record, what does not change between builds."""
-    env = lmdb.open(str(db), subdir=False, readonly=True, lock=False)
-    try:
-        with env.begin() as txn:
-            items = dict(txn.cursor())
-    finally:
-        env.close()
+    items = raw_items(db)
     info = BuildInfo.decode(items[META_KEY])
     items[META_KEY] = f"{info.folded} {info.syntax} {info.records} {info.source}".encode()
     return items

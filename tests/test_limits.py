@@ -10,7 +10,6 @@ import contextlib
 import re
 import select
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from conftest import (
     ServerProcess,
     SocketmapConn,
     StartServer,
-    server_command,
+    assert_refused_beyond_loopback,
 )
 
 from tcpmap_lmdb import protocol
@@ -310,14 +309,4 @@ def test_every_listener_form_refuses_non_loopback(db: Path, listen: str) -> None
     """socketmap and named-map listeners, and host names, are held to loopback too (exit 2)."""
     maps = db.parent / "maps"
     maps.mkdir()
-    result = subprocess.run(
-        server_command("--db", db, "--maps", maps, "--listen", listen),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 2, result.stderr
-    assert "authentication" in result.stderr
-    assert "--allow-remote" in result.stderr
-    assert "listening on" not in result.stderr
+    assert_refused_beyond_loopback("--db", db, "--maps", maps, "--listen", listen)

@@ -10,7 +10,6 @@ import contextlib
 import signal
 import socket
 import struct
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,9 +20,9 @@ from conftest import (
     MakeTable,
     ServerProcess,
     StartServer,
+    assert_refused_beyond_loopback,
     check_reply,
     make_table,
-    server_command,
 )
 
 from tcpmap_lmdb import protocol
@@ -528,17 +527,7 @@ def test_non_loopback_listen_is_refused(db: Path, listen: list[str]) -> None:
     args: list[str] = []
     for address in listen:
         args += ["--listen", address]
-    result = subprocess.run(
-        server_command("--db", db, *args),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 2, result.stderr
-    assert "authentication" in result.stderr
-    assert "--allow-remote" in result.stderr
-    assert "listening on" not in result.stderr
+    assert_refused_beyond_loopback("--db", db, *args)
 
 
 def test_allow_remote_permits_any_address(server: StartServer, db: Path) -> None:
