@@ -7,6 +7,7 @@ A map NAME is the table ``NAME.lmdb``: the one given with --db, or one in the
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,25 +43,14 @@ class Maps:
         watcher: Watcher = watch,
     ) -> None:
         self.directory = directory
-        self._sleep = sleep
-        self._watcher = watcher
-        self._fold_keys = fold_keys
-        self._warm = warm
-        self._check = check
+        # Every table, fixed or found in the directory, is opened the same way.
+        self._live = functools.partial(
+            LiveTable, fold_keys=fold_keys, warm=warm, check=check, sleep=sleep, watcher=watcher
+        )
         self._fixed = dict(tables or {})
         self._open: dict[str, LiveTable] = {}
         for name, path in self._fixed.items():
             self._open[name] = self._live(path)
-
-    def _live(self, path: Path) -> LiveTable:
-        return LiveTable(
-            path,
-            fold_keys=self._fold_keys,
-            warm=self._warm,
-            check=self._check,
-            sleep=self._sleep,
-            watcher=self._watcher,
-        )
 
     def get(self, name: str) -> LiveTable:
         """The map called NAME; raises UnknownMap when there is none."""
