@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .dbformat import SUFFIX, map_name
-from .table import Checker, LiveTable
+from .snapshot import Taker, take
+from .table import LiveTable
 from .watch import Watcher, watch
 
 # What a map name may be: it becomes a file name, so no '/', no leading dot.
@@ -37,15 +38,14 @@ class Maps:
         directory: Path | None = None,
         *,
         fold_keys: bool | None = None,
-        warm: bool = True,
-        check: Checker | None = None,
+        take: Taker = take,
         sleep: Callable[[float], object] | None = None,
         watcher: Watcher = watch,
     ) -> None:
         self.directory = directory
         # Every table, fixed or found in the directory, is opened the same way.
         self._live = functools.partial(
-            LiveTable, fold_keys=fold_keys, warm=warm, check=check, sleep=sleep, watcher=watcher
+            LiveTable, fold_keys=fold_keys, take=take, sleep=sleep, watcher=watcher
         )
         self._fixed = dict(tables or {})
         self._open: dict[str, LiveTable] = {}
@@ -76,12 +76,13 @@ class Maps:
                     self.get(name).refresh()
 
     def refresh_all(self, *, force: bool = False) -> None:
-        for table in self._open.values():
+        # A copy: a lookup for a new map may add one while a refresh yields.
+        for table in list(self._open.values()):
             table.refresh(force=force)
 
     def __iter__(self) -> Iterator[tuple[str, LiveTable]]:
         return iter(sorted(self._open.items()))
 
     def close(self) -> None:
-        for table in self._open.values():
+        for table in list(self._open.values()):
             table.close()

@@ -20,7 +20,7 @@ import gevent.socket
 import greenlet
 from gevent.server import StreamServer
 
-from . import verify
+from . import snapshot
 from .config import SOCKETMAP, Binding, ServerConfig
 from .dbformat import map_name
 from .listeners import Endpoint, format_address, open_endpoints, remove_socket_files
@@ -370,19 +370,17 @@ def run(config: ServerConfig) -> int:
     """Open the tables, listen, serve until SIGTERM/SIGINT; SIGHUP re-opens the tables."""
     notifier = Notifier()
     tables = {map_name(config.db): config.db} if config.db is not None else {}
-    # Each newly published file is walked by a child process before it is
-    # served (verify.py); the hub keeps serving the current file meanwhile.
-    check = verify.in_child(gevent.sleep, forget=lambda: maps.close())  # noqa: PLW0108 - maps is bound below
+    # Each new version of a file is copied and checked by a child process before
+    # it is served (snapshot.py); the hub keeps serving the current one meanwhile.
     maps = Maps(
         tables,
         config.maps,
         fold_keys=config.fold_keys,
-        warm=True,
-        check=check,
+        take=snapshot.in_child(gevent.sleep),
         sleep=gevent.sleep,
         watcher=_loop_watch,
     )
-    maps.open_all()  # open and warm before READY: a cold first lookup stalls the hub
+    maps.open_all()  # before READY
     endpoints = open_endpoints(config)
     server = Server(config, maps, endpoints)
     gevent.signal_handler(signal.SIGTERM, server.request_stop)
@@ -432,6 +430,8 @@ def _reload(server: Server, maps: Maps, notifier: Notifier) -> None:
     paths = [str(live.path) for _, live in maps] or [f"{maps.directory}/*.lmdb"]
     log.info("SIGHUP: re-opening %s", ", ".join(paths))
     notifier.reloading()
-    maps.refresh_all(force=True)
-    maps.open_all()
-    notifier.ready(_status(server, maps))
+    try:
+        maps.refresh_all(force=True)
+        maps.open_all()
+    finally:  # systemd waits for READY=1 after RELOADING=1, whatever happened
+        notifier.ready(_status(server, maps))

@@ -1,140 +1,102 @@
 """The read side of an LMDB table: open, look up, notice replacement, close.
 
-Tables built by tcpmap-build are published by rename and never written again, so
-they are read lock-free with one long read transaction. Files without our build
-record (made by postmap/postalias) may be rewritten in place by postmap, so
-each lookup takes Postfix's shared fcntl lock around its own transaction
-(lmdb_table(5), postfix-maps.md 4.4).
+Every table is served from a private sealed snapshot of its file (snapshot.py),
+checked before it is mapped (verify.py): nothing a writer, cp, truncate or a
+damaged disk does to the file can touch what a lookup reads. A snapshot never
+changes, so one read transaction serves every lookup, without a lock.
 """
 
 from __future__ import annotations
 
-import collections
 import errno
-import fcntl
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
 from .dbformat import MAX_KEY_BYTES, META_KEY, BuildInfo, fold
+from .snapshot import Signature, Snapshot, SnapshotRetry, TableError, Taker, take
 from .watch import DirectoryWatch, Watcher, watch
+
+__all__ = ["CHECK_PATIENCE", "LiveTable", "Signature", "Table", "TableError"]
 
 log = logging.getLogger(__name__)
 
-_WARM_CHUNK = 1 << 20
 _RECHECK = 1.0  # seconds: stat at least this often even if the watch saw nothing
 # How long a lookup waits for a new file's check before it is answered from the
-# current file (the check of a 10M-key table takes about 1.3 s).
+# current file (the check of a 10M-key table takes about 3 s).
 CHECK_PATIENCE = 2.0
 _CHECK_POLL = 0.002
-
-
-class TableError(Exception):
-    """The table cannot answer: missing, unreadable, corrupt. Maps to 400."""
-
-
-# Checks a newly published file (PATH, an fd open on it) before it is served;
-# raises TableError. See verify.py.
-Checker = Callable[[Path, int], None]
-
-
-@dataclass(frozen=True, slots=True)
-class Signature:
-    """What identifies one version of the file at a path."""
-
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> Signature:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+# A snapshot that failed for a reason other than the file (SnapshotRetry) is
+# taken again after RETRY_FIRST seconds, doubling up to RETRY_MAX.
+RETRY_FIRST = 0.1
+RETRY_MAX = 10.0
 
 
 class Table:
-    """One open LMDB file. Use Table.open()."""
+    """One open snapshot of a table file. Use Table.open()."""
 
     def __init__(
         self,
         path: Path,
         env: Any,
-        fd: int,
+        snapshot: Snapshot,
         *,
-        signature: Signature,
         info: BuildInfo | None,
         folded: bool,
     ) -> None:
         self.path = path
-        self.signature = signature
+        self.signature = snapshot.signature
         self.info = info
         self.folded = folded
-        self.records: int = info.records if info else env.stat()["entries"]
+        # The records a lookup can find: the check's count, less our build record.
+        self.records = snapshot.records - (info is not None)
         self._env = env
-        self._fd = fd
-        # Our own files are immutable: one read transaction serves every lookup.
-        self._txn = env.begin() if info else None
+        self._fd = snapshot.fd
+        self._txn: Any = env.begin()  # a snapshot never changes: one transaction serves all
 
     @classmethod
-    def open(
-        cls, path: Path, *, fold_keys: bool | None = None, warm: bool = False, fd: int | None = None
-    ) -> Table:
-        """Open PATH read-only; raises TableError with a reason an admin can act on.
+    def open(cls, path: Path, *, fold_keys: bool | None = None, take: Taker = take) -> Table:
+        """Snapshot PATH, check it and open it; raises TableError with a reason an
+        admin can act on, or SnapshotRetry (snapshot.py) when it may work later.
 
         fold_keys overrides folding; by default it comes from the build record,
-        or is on for files without one (postmap's default). With FD (from
-        open_file), the table takes it over, and closes it on failure too.
+        or is on for files without one (postmap's default).
         """
-        if fd is None:
-            fd = open_file(path)
-        try:
-            return cls._open_fd(path, fd, fold_keys, warm)
-        except BaseException:
-            os.close(fd)
-            raise
+        return cls.from_snapshot(path, take(path), fold_keys=fold_keys)
 
     @classmethod
-    def _open_fd(cls, path: Path, fd: int, fold_keys: bool | None, warm: bool) -> Table:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise TableError(f"{path} is not a regular file")
-        if warm:
-            _warm(fd, st.st_size)
+    def from_snapshot(
+        cls, path: Path, snapshot: Snapshot, *, fold_keys: bool | None = None
+    ) -> Table:
+        """Open SNAPSHOT (checked and sealed) of PATH; it is closed on failure too."""
         try:
-            env = lmdb.open(
-                _same_file(path, fd),
-                subdir=False,
-                readonly=True,
-                lock=False,
-                max_dbs=0,
-                max_readers=1,
-            )
-        except lmdb.Error as exc:
-            raise TableError(f"{path} is not a readable LMDB file: {_reason(exc)}") from None
-        try:
-            # Postfix's rule for every read transaction (lmdb_table(5)): a shared
-            # fcntl lock keeps a postmap rewriting the file in place out meanwhile.
-            fcntl.lockf(fd, fcntl.LOCK_SH)
             try:
-                _check_size(path, env, st.st_size)
-                info = _read_info(env)
+                env = lmdb.open(
+                    f"/proc/self/fd/{snapshot.fd}",
+                    subdir=False,
+                    readonly=True,
+                    lock=False,
+                    max_dbs=0,
+                    max_readers=1,
+                )
             except lmdb.Error as exc:
-                raise TableError(f"{path} is corrupt: {_reason(exc)}") from None
-            finally:
-                fcntl.lockf(fd, fcntl.LOCK_UN)
+                # The bytes passed the check: what failed is the open (fds, memory).
+                raise SnapshotRetry(f"cannot open {path}: {_reason(exc)}") from None
+            try:
+                info = _read_info(env)
+            except BaseException:
+                env.close()
+                raise
         except BaseException:
-            env.close()
+            os.close(snapshot.fd)
             raise
         folded = fold_keys if fold_keys is not None else (info.folded if info else True)
-        return cls(path, env, fd, signature=Signature.of(st), info=info, folded=folded)
+        return cls(path, env, snapshot, info=info, folded=folded)
 
     def get(self, key: bytes) -> bytes | None:
         """The value for KEY (folded as the table was built), or None.
@@ -147,9 +109,14 @@ class Table:
             return None  # longer than any key LMDB can hold
         try:
             txn = self._txn
-            value: bytes | None = (
-                txn.get(key + b"\x00") if txn is not None else self._get_locked(key)
-            )
+            if self.info is not None:
+                value: bytes | None = txn.get(key + b"\x00")
+            else:
+                # Postfix writes key+NUL by default; postmap -n writes bare keys.
+                # Try both, in Postfix's order (dict_lmdb.c).
+                value = txn.get(key + b"\x00") if len(key) < MAX_KEY_BYTES else None
+                if value is None:
+                    value = txn.get(key)
         except lmdb.Error as exc:
             raise TableError(f"{self.path}: lookup failed: {_reason(exc)}") from None
         if value is None:
@@ -159,48 +126,6 @@ class Table:
         if not value:
             raise TableError(f"{self.path}: empty value stored for this key")
         return value
-
-    def _get_locked(self, key: bytes) -> bytes | None:
-        # Postfix writes key+NUL by default; postmap -n writes bare keys. Try
-        # both, in Postfix's order (dict_lmdb.c).
-        fcntl.lockf(self._fd, fcntl.LOCK_SH)
-        try:
-            with self._env.begin() as txn:
-                value: bytes | None = None
-                if len(key) < MAX_KEY_BYTES:
-                    value = txn.get(key + b"\x00")
-                if value is None:
-                    value = txn.get(key)
-                return value
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
-
-    def walk(self, *, second_half: bool) -> bytes | None:
-        """Read half the records (every page a lookup of them can reach).
-
-        Two processes share a check this way, one half each. Returns where the
-        halves meet: for the first half, the key after its last record; for the
-        second, its first record's key (None past either end). The halves cover
-        the table if the two agree; a record count that lies cannot hide pages.
-        """
-        try:
-            with self._env.begin() as txn:
-                entries = txn.stat()["entries"]
-                count = entries // 2 if second_half else entries - entries // 2
-                cursor = txn.cursor()
-                records = cursor.iterprev() if second_half else cursor.iternext()
-                # Each key and value is copied out; deque and zip keep the loop in C.
-                last = collections.deque(zip(range(count), records, strict=False), maxlen=1)
-                walked = last[0][0] + 1 if last else 0
-                if walked != count:
-                    raise TableError(f"{self.path} is corrupt: {entries} records claimed")
-                key: bytes | None = last[0][1][0] if last else None
-                if second_half:
-                    return key
-                moved = cursor.set_key(key) and cursor.next() if key is not None else cursor.first()
-                return cursor.key() if moved else None
-        except lmdb.Error as exc:
-            raise TableError(f"{self.path} is corrupt: {_reason(exc)}") from None
 
     def describe(self) -> str:
         syntax = f"{self.info.syntax} syntax" if self.info else "built by Postfix"
@@ -213,38 +138,6 @@ class Table:
             self._txn = None
         self._env.close()
         os.close(self._fd)
-
-
-def open_file(path: Path) -> int:
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise TableError(f"cannot open {path}: {exc.strerror}") from None
-
-
-def _same_file(path: Path, fd: int) -> str:
-    """A path to the very file FD is open on: the path itself may be renamed over
-    between os.open() and lmdb.open(); /proc/self/fd/N cannot be."""
-    proc = f"/proc/self/fd/{fd}"
-    return proc if os.path.exists(proc) else str(path)
-
-
-def _warm(fd: int, size: int) -> None:
-    """Read the file once so lookups never stall the hub on a page fault."""
-    buffer = bytearray(_WARM_CHUNK)
-    offset = 0
-    while offset < size:
-        got = os.preadv(fd, [buffer], offset)
-        if got <= 0:
-            break
-        offset += got
-
-
-def _check_size(path: Path, env: Any, size: int) -> None:
-    # A truncated file would map pages past its end: touching them is SIGBUS.
-    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-    if needed > size:
-        raise TableError(f"{path} is truncated: {size} bytes, its pages need {needed}")
 
 
 def _read_info(env: Any) -> BuildInfo | None:
@@ -269,8 +162,11 @@ class LiveTable:
 
     Every lookup first looks for a change at the path (watch.py: an inotify
     watch on the directory, a stat when it saw something), so a table published
-    by rename is served from the very next lookup. While the file is
-    missing or bad, lookups raise TableError; a good file is picked up by itself.
+    by rename, or changed in place, is served from the very next lookup. While
+    the file is missing or bad, lookups raise TableError; a good file is picked
+    up by itself. A snapshot that failed for another reason (SnapshotRetry:
+    descriptors, memory, a killed check) is taken again with back-off, and the
+    table served before stays served meanwhile.
     """
 
     def __init__(
@@ -278,25 +174,26 @@ class LiveTable:
         path: Path,
         *,
         fold_keys: bool | None = None,
-        warm: bool = True,
-        check: Checker | None = None,
+        take: Taker = take,
         watch_directory: bool = True,
         sleep: Callable[[float], object] | None = None,
         watcher: Watcher = watch,
     ) -> None:
-        """SLEEP (gevent.sleep in the server) lets a lookup wait for another's check."""
+        """TAKE makes a snapshot (snapshot.in_child in the server); SLEEP
+        (gevent.sleep there) lets a lookup wait for another's snapshot."""
         self.path = path
         self._sleep = sleep
         self._fold_keys = fold_keys
-        self._warm = warm
-        self._check = check
+        self._take = take
         self._refreshing = False
         self._watching = watch_directory
         self._watcher = watcher
         self._watch: DirectoryWatch | None = None
         self._checked = 0.0  # when the path was last stat-ed
         self._table: Table | None = None
-        self._seen: Signature | None = None  # what we last tried to open
+        self._seen: Signature | None = None  # what we last opened or found bad
+        self._retry_at: float | None = None  # when to take a failed snapshot again
+        self._backoff = RETRY_FIRST
         self._error = f"{path} has not been opened yet"
 
     @property
@@ -338,7 +235,7 @@ class LiveTable:
             return
         if self._watch is None and self._watching:
             self._watch = self._watcher(self.path.parent)
-        self._checked = time.monotonic()
+        now = self._checked = time.monotonic()
         try:
             st = os.stat(self.path)
         except OSError as exc:
@@ -347,9 +244,10 @@ class LiveTable:
             if self._table is not None or self._error != reason:
                 self._drop(reason)
             self._seen = None
+            self._retry_at = None
             return
         seen = self._seen
-        if (  # the hot path, once per lookup: compare without building a Signature
+        if (  # compare without building a Signature
             not force
             and seen is not None
             and st.st_ino == seen.ino
@@ -357,42 +255,53 @@ class LiveTable:
             and st.st_size == seen.size
             and st.st_ctime_ns == seen.ctime_ns
             and st.st_dev == seen.dev
+            and (self._retry_at is None or now < self._retry_at)
         ):
             return
-        current = Signature.of(st)
-        self._seen = current
-        self._reopen(current)
+        self._reopen(Signature.of(st))
 
     def _reopen(self, current: Signature) -> None:
         self._refreshing = True
         try:
-            fd = open_file(self.path)
-            try:
-                if self._check is not None:
-                    self._check(self.path, fd)  # may yield: the old table serves meanwhile
-            except BaseException:
-                os.close(fd)
-                raise
-            # Close the old table first. python-lmdb 3 refuses to open an inode
-            # it already has open, and after a quick series of renames the file
-            # now at the path may be one we hold. A lookup never yields midway,
-            # so none is in flight here.
-            if self._table is not None:
-                self._table.close()
-                self._table = None
-            # A check has just read the whole file: the page cache is warm already.
-            warm = self._warm and self._check is None
-            new = Table.open(self.path, fold_keys=self._fold_keys, warm=warm, fd=fd)
+            new = Table.from_snapshot(
+                self.path, self._take(self.path), fold_keys=self._fold_keys
+            )  # may yield: the old table serves meanwhile
+        except (SnapshotRetry, OSError) as exc:
+            self._postpone(current, str(exc))
+            return
         except TableError as exc:
+            # The file is bad: it is retried once it changes.
+            self._seen = current
+            self._retry_at = None
+            self._backoff = RETRY_FIRST
             self._drop(str(exc))
             return
         finally:
             self._refreshing = False
+        if self._table is not None:
+            self._table.close()  # a lookup never yields midway: none is in flight
         self._table = new
-        # Record what we opened, not what we statted: if the file moved again
+        # Record what we copied, not what we statted: if the file moved again
         # in between, the next lookup sees the difference and reopens.
         self._seen = new.signature
+        self._retry_at = None
+        self._backoff = RETRY_FIRST
         log.info("opened %s", new.describe(), extra={"TABLE": str(self.path)})
+
+    def _postpone(self, current: Signature, reason: str) -> None:
+        """Take the snapshot again after a back-off; keep serving what we have."""
+        self._seen = current
+        self._retry_at = time.monotonic() + self._backoff
+        log.warning(
+            "cannot open %s yet, retrying in %.1fs: %s",
+            self.path,
+            self._backoff,
+            reason,
+            extra={"TABLE": str(self.path)},
+        )
+        self._backoff = min(self._backoff * 2, RETRY_MAX)
+        if self._table is None:
+            self._error = f"{reason} (retrying)"
 
     def _drop(self, reason: str) -> None:
         if self._table is not None:

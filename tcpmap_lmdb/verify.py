@@ -1,122 +1,234 @@
-"""Check a table before it is served, in a child process that may crash.
+"""Prove that no lookup in an LMDB file can read outside it, for any key.
 
-LMDB trusts its file: a page pointer or an overflow count that leads past the
-end of the file makes it read beyond the mapping, and the kernel kills the
-reader with SIGBUS. A tampered or damaged table must cost a 400, not the
-server. So forked children first open the file as the server would and walk
-every record (every page a lookup can reach), half each; the parent opens the
-file only if both come back clean and their halves meet, and otherwise reports
-the reason.
+LMDB trusts its file: a page number, a node offset, a key size or a value size
+that leads past the end makes a reader touch memory outside the file, and the
+kernel kills it with SIGBUS (or it reads another mapping). So every table is
+checked here, as bytes, before LMDB ever maps it (snapshot.py): check() reads
+the file the way a lookup does and bounds every pointer a lookup can follow.
+
+What a lookup reads (mdb.c, LMDB 0.9.24 to 0.9.3x; mdb_get -> mdb_cursor_set ->
+mdb_page_search -> mdb_page_search_root -> mdb_node_search -> mdb_node_read):
+
+1. The meta page with the higher txnid (mdb_env_pick_meta; a tie picks page 0):
+   its page size (mm_psize, the free DB's md_pad), last page (mm_last_pg) and
+   the main DB record (md_flags, md_root). Checked: both meta pages carry
+   P_META, MDB_MAGIC, data version 1 and the same page size, a power of two;
+   (mm_last_pg + 1) * psize fits in the file; md_flags is 0, which is what
+   Postfix's slmdb (mdb_open(txn, NULL, 0, ...)) and tcpmap-build write. Any
+   other flag (MDB_DUPSORT, MDB_INTEGERKEY, MDB_REVERSEKEY, DUPFIXED) switches
+   on code paths and comparators whose reads are not bounded here.
+2. Pages by number (mdb_page_get): map + pgno * psize. LMDB refuses
+   pgno > mm_last_pg itself; checked again here, with 2 <= pgno (the meta pages
+   are not tree pages), and mp_pgno == pgno.
+3. On every page: mp_lower and mp_upper (NUMKEYS = (mp_lower - 16) / 2), and
+   mp_ptrs[i] for i < NUMKEYS. Checked: 16 <= mp_lower <= mp_upper <= psize, and
+   each node, its 8-byte header and its key (mn_ksize bytes) lie between
+   mp_upper and the end of the page.
+4. Branch pages (P_BRANCH): mdb_node_search compares the key with node keys
+   1..NUMKEYS-1, then follows the child page number of one node (mn_lo, mn_hi,
+   mn_flags: 48 bits). With NUMKEYS < 2 the index it follows underflows
+   (i = NUMKEYS - 1 on a miss), so such pages are refused (LMDB asserts the same
+   for every DB but the free list). Every child number is checked as in 2.
+5. Leaf pages (P_LEAF and not P_LEAF2): mdb_node_search compares keys
+   0..NUMKEYS-1, then mdb_node_read reads the value: NODEDSZ (32 bits) bytes
+   right after the key, or, with F_BIGDATA, at 16 bytes into the overflow page
+   whose number follows the key. Checked: an in-page value ends inside its
+   page; an overflow value starts on a P_OVERFLOW page (2 as above), whose run
+   of mp_pages pages holds it, and ends inside the file. Node flags F_SUBDATA
+   and F_DUPDATA (sub-databases, duplicates) are refused: they send mdb_get into
+   a sub-cursor a flags-0 DB does not have.
+6. A lookup treats each page by its own flags, not by its depth, and gives up
+   past 32 levels (CURSOR_STACK, MDB_CURSOR_FULL). Checked anyway: all leaves
+   at one depth below 32, branches above them.
+
+Every page reachable from the root is visited exactly once: a page met twice
+(a cycle, or an exponentially shared graph that would make a naive walk run
+for ever) is refused. So the check reads each page at most once: its time is
+linear in the file size, and a file of P pages yields at most P pages' nodes.
+Since every byte a lookup can read is proven to lie inside the file, and the
+file is served from a sealed copy that nobody can shrink or change
+(snapshot.py), no lookup can fault, whatever its key. Not proven: that keys
+are sorted. Unsorted keys can make a lookup miss a key (500), as they would
+for Postfix's own lmdb: client; they cannot make it read outside the file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import time
-from collections.abc import Callable
+import struct
 from pathlib import Path
 
-from .table import Checker, Table, TableError
+# mdb.c: page flags, node flags, magic and version, the main DB's index.
+P_BRANCH = 0x01
+P_LEAF = 0x02
+P_OVERFLOW = 0x04
+P_META = 0x08
+P_LEAF2 = 0x20
+P_SUBP = 0x40
+_KINDS = P_BRANCH | P_LEAF | P_OVERFLOW | P_META | P_LEAF2 | P_SUBP
+F_BIGDATA = 0x01
+MDB_MAGIC = 0xBEEFC0DE
+MDB_DATA_VERSION = 1
+PAGE_HEADER = 16  # PAGEHDRSZ: mp_pgno, mp_pad, mp_flags, mp_lower/mp_upper or mp_pages
+NODE_HEADER = 8  # NODESZ: mn_lo, mn_hi, mn_flags, mn_ksize
+CURSOR_STACK = 32
+P_INVALID = (1 << 64) - 1
 
-_POLL = 0.001  # seconds between looks at a child; the hub serves meanwhile
-_FAILED = 3  # the child's exit status when it found a problem (reason on the pipe)
-_MAX_REASON = 4000
+_HEADER = struct.Struct("<QxxHHH")  # mp_pgno, mp_flags, mp_lower, mp_upper
+_NODE = struct.Struct("<HHHH")  # mn_lo, mn_hi, mn_flags, mn_ksize
+_U64 = struct.Struct("<Q")
+_OVERFLOW = struct.Struct("<QxxHI")  # mp_pgno, mp_flags, mp_pages
+# MDB_meta after the page header: mm_magic, mm_version, mm_address, mm_mapsize,
+# mm_dbs[FREE_DBI] (md_pad = mm_psize, ...), mm_dbs[MAIN_DBI], mm_last_pg, mm_txnid.
+_META = struct.Struct("<IIQQ" + "IHHQQQQQ" + "IHHQQQQQ" + "QQ")
 
 
-def in_child(
-    sleep: Callable[[float], object] = time.sleep, forget: Callable[[], None] = lambda: None
-) -> Checker:
-    """A Checker that walks the table in two forked children.
+class Corrupt(Exception):
+    """The file is not a table a lookup can read safely; str() says why."""
 
-    SLEEP is how the parent waits: the server passes gevent.sleep, so lookups
-    go on from the table already open while a newly published one is checked.
-    FORGET runs first in the child and closes the tables inherited from the
-    parent (python-lmdb refuses to open a file a second time in one process).
+
+def check(path: Path, data: bytes | memoryview | object, size: int) -> int:
+    """Check the LMDB file DATA (SIZE bytes, any buffer); the number of records.
+
+    Raises Corrupt with a reason naming PATH: "is not a readable LMDB file",
+    "is truncated", or "is corrupt: ...".
     """
+    # Released on the way out, even by an exception: an mmap with views cannot close.
+    with memoryview(data) as whole, whole[:size] as buf:  # type: ignore[arg-type]
+        psize, last, flags, root = _pick_meta(path, buf, size)
+        if flags != 0:
+            raise Corrupt(f"{path} is corrupt: its main database has flags {flags:#x}, not 0")
+        if root == P_INVALID:
+            return 0
+        return _walk(path, buf, psize, last, root)
 
-    def check(path: Path, fd: int) -> None:
-        # Two children, one half of the table each: a check takes half the time
-        # on two cores (startup waits for it).
-        children = [_start(path, fd, forget, second_half=half) for half in (False, True)]
+
+def _pick_meta(path: Path, buf: memoryview, size: int) -> tuple[int, int, int, int]:
+    """(psize, mm_last_pg, main md_flags, main md_root) of the meta page LMDB uses."""
+    unreadable = f"{path} is not a readable LMDB file"
+    metas: list[tuple[int, int, int, int, int]] = []
+    offset = 0
+    for _ in range(2):
+        if size < offset + PAGE_HEADER + _META.size:
+            raise Corrupt(f"{unreadable}: {size} bytes" if offset == 0 else f"{path} is truncated")
+        _, page_flags, _, _ = _HEADER.unpack_from(buf, offset)
+        meta = _META.unpack_from(buf, offset + PAGE_HEADER)
+        magic, version, psize = meta[0], meta[1], meta[4]
+        if not page_flags & P_META or magic != MDB_MAGIC:
+            raise Corrupt(unreadable)
+        if version != MDB_DATA_VERSION:
+            raise Corrupt(f"{unreadable}: data format version {version}")
+        if psize & (psize - 1) or not 256 <= psize <= 65536:
+            raise Corrupt(f"{path} is corrupt: page size {psize}")
+        if metas and psize != metas[0][0]:
+            raise Corrupt(f"{path} is corrupt: its meta pages disagree on the page size")
+        main_flags, main_root, last, txnid = meta[13], meta[19], meta[20], meta[21]
+        metas.append((psize, last, main_flags, main_root, txnid))
+        offset = psize
+    chosen = metas[metas[0][4] < metas[1][4]]
+    psize, last = chosen[0], chosen[1]
+    needed = (last + 1) * psize
+    if last < 1 or needed > size:
+        raise Corrupt(f"{path} is truncated: {size} bytes, its pages need {needed}")
+    return psize, last, chosen[2], chosen[3]
+
+
+def _walk(path: Path, buf: memoryview, psize: int, last: int, root: int) -> int:
+    """Visit every page reachable from ROOT once; the number of leaf nodes."""
+    tree = _Tree(path, buf, psize, last)
+    records = 0
+    leaf_depth = -1
+    stack = [(root, 0)]
+    while stack:
+        pgno, depth = stack.pop()
+        kind, base, pointers = tree.page(pgno)
+        if kind == P_BRANCH:
+            if len(pointers) < 2 or depth + 1 >= CURSOR_STACK or 0 <= leaf_depth <= depth:
+                raise tree.corrupt(f"branch page {pgno} ({len(pointers)} keys, depth {depth})")
+            stack.extend((child, depth + 1) for child in tree.children(pgno, base, pointers))
+        elif kind == P_LEAF:
+            if leaf_depth < 0:
+                leaf_depth = depth
+            elif depth != leaf_depth:
+                raise tree.corrupt(f"leaf page {pgno} at depth {depth}, not {leaf_depth}")
+            tree.records(pgno, base, pointers)
+            records += len(pointers)
+        else:
+            raise tree.corrupt(f"page {pgno} has flags {kind:#x} where the tree goes")
+    return records
+
+
+class _Tree:
+    """The pages of one file, each checked as it is met."""
+
+    def __init__(self, path: Path, buf: memoryview, psize: int, last: int) -> None:
+        self.path = path
+        self.buf = buf
+        self.psize = psize
+        self.last = last
+        self.end = (last + 1) * psize
+        self.seen = bytearray(last + 1)
+
+    def corrupt(self, why: str) -> Corrupt:
+        return Corrupt(f"{self.path} is corrupt: {why}")
+
+    def mark(self, pgno: int) -> None:
+        """Note PGNO as visited; refuse it if out of range or visited before."""
+        if not 2 <= pgno <= self.last:
+            raise self.corrupt(f"page number {pgno} outside pages 2..{self.last}")
+        if self.seen[pgno]:
+            raise self.corrupt(f"page {pgno} is reached twice (a cycle or a shared page)")
+        self.seen[pgno] = 1
+
+    def page(self, pgno: int) -> tuple[int, int, tuple[int, ...]]:
+        """(its kind flags, its offset, its node offsets), once PGNO is checked."""
+        self.mark(pgno)
+        base = pgno * self.psize
+        stored, flags, lower, upper = _HEADER.unpack_from(self.buf, base)
+        if stored != pgno:
+            raise self.corrupt(f"page {pgno} says it is page {stored}")
+        if not PAGE_HEADER <= lower <= upper <= self.psize or lower & 1:
+            raise self.corrupt(f"page {pgno} has bounds {lower}..{upper}")
+        count = (lower - PAGE_HEADER) >> 1
+        pointers = struct.unpack_from(f"<{count}H", self.buf, base + PAGE_HEADER)
+        if count and (min(pointers) < upper or max(pointers) > self.psize - NODE_HEADER):
+            raise self.corrupt(f"page {pgno} has a node outside it")
+        return flags & _KINDS, base, pointers
+
+    def children(self, pgno: int, base: int, pointers: tuple[int, ...]) -> list[int]:
+        """The child page numbers of branch page PGNO; its keys are inside it."""
+        node, psize, children = _NODE.unpack_from, self.psize, []
+        for at in pointers:
+            lo, hi, high, ksize = node(self.buf, base + at)
+            if at + NODE_HEADER + ksize > psize:
+                raise self.corrupt(f"a key on page {pgno} runs off it")
+            children.append(lo | hi << 16 | high << 32)
+        return children
+
+    def records(self, pgno: int, base: int, pointers: tuple[int, ...]) -> None:
+        """Check that every key and value of leaf page PGNO lies in the file."""
+        node, buf, psize = _NODE.unpack_from, self.buf, self.psize
+        for at in pointers:
+            lo, hi, flags, ksize = node(buf, base + at)
+            data = at + NODE_HEADER + ksize
+            if flags == 0:
+                if data + (lo | hi << 16) > psize:
+                    raise self.corrupt(f"a record on page {pgno} runs off it")
+            elif flags == F_BIGDATA and data + 8 <= psize:
+                self.overflow(pgno, _U64.unpack_from(buf, base + data)[0], lo | hi << 16)
+            else:
+                raise self.corrupt(f"a node on page {pgno} has flags {flags:#x}")
+
+    def overflow(self, pgno: int, first: int, size: int) -> None:
+        """Check a value of SIZE bytes on the overflow pages from FIRST on."""
         try:
-            results = [_result(path, child, sleep) for child in children]
-        finally:  # on failure or a stop: the other half's check dies too
-            for pid, reader in children:
-                os.close(reader)
-                with contextlib.suppress(ChildProcessError):
-                    if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                        os.kill(pid, signal.SIGKILL)
-                        os.waitpid(pid, 0)
-        if results[0] != results[1]:
-            raise TableError(f"{path} is corrupt: its halves do not meet")
-
-    return check
-
-
-def _start(
-    path: Path, fd: int, forget: Callable[[], None], *, second_half: bool
-) -> tuple[int, int]:
-    """Fork a child that walks one half of the table: (pid, read end of its pipe)."""
-    reader, writer = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns to the caller
-        os.close(reader)
-        os._exit(_child(path, fd, writer, forget, second_half=second_half))
-    os.close(writer)
-    return pid, reader
-
-
-def _result(path: Path, child: tuple[int, int], sleep: Callable[[float], object]) -> bytes:
-    """What the child reported (where its half meets the other), or TableError."""
-    pid, reader = child
-    status = _wait(pid, sleep)
-    report = os.read(reader, _MAX_REASON)
-    if os.WIFSIGNALED(status):
-        name = signal.Signals(os.WTERMSIG(status)).name
-        raise TableError(f"{path} is corrupt: reading it crashed a check ({name})")
-    if os.WEXITSTATUS(status) != 0:
-        raise TableError(report.decode("utf-8", "replace") or f"{path} failed its check")
-    return report
-
-
-def _child(
-    path: Path, fd: int, writer: int, forget: Callable[[], None], *, second_half: bool
-) -> int:
-    try:
-        forget()
-        _close_all_but(fd, writer)  # client and listening sockets belong to the server
-        table = Table.open(path, fd=os.dup(fd))
-        try:
-            meeting = table.walk(second_half=second_half)
-        finally:
-            table.close()
-        os.write(writer, b"-" if meeting is None else b"=" + meeting)  # keys are < 512 bytes
-        return 0
-    except TableError as exc:
-        os.write(writer, str(exc).encode("utf-8")[:_MAX_REASON])
-    except Exception as exc:  # any failure means: do not serve this file
-        os.write(writer, f"{path} failed its check: {exc}".encode()[:_MAX_REASON])
-    return _FAILED
-
-
-def _close_all_but(*keep: int) -> None:
-    """Close every descriptor but KEEP; stdin, stdout and stderr go to /dev/null."""
-    null = os.open(os.devnull, os.O_RDWR)
-    for std in (0, 1, 2):
-        os.dup2(null, std)
-    low = 3
-    for fd in sorted({*keep, null}):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
-    os.close(null)
-
-
-def _wait(pid: int, sleep: Callable[[float], object]) -> int:
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        sleep(_POLL)
+            self.mark(first)
+        except Corrupt:
+            raise self.corrupt(f"page {pgno} has a value on page {first}") from None
+        stored, flags, pages = _OVERFLOW.unpack_from(self.buf, first * self.psize)
+        if (
+            stored != first
+            or flags & _KINDS != P_OVERFLOW
+            or PAGE_HEADER + size > pages * self.psize
+            or first + pages - 1 > self.last
+        ):
+            raise self.corrupt(f"the value on page {first} runs off its pages")

@@ -498,10 +498,10 @@ def test_back_to_back_publications_lose_no_lookup(start: Start, tmp_path: Path, 
     dual.srv.check_clean_exit()
 
 
-# --- while a new table is checked (verify.py) -----------------------------------------------------
-# The server walks each newly published file in a forked child before serving it. The child
-# is stopped with SIGSTOP here: a stand-in, without timing, for the seconds a walk of a big
-# table takes.
+# --- while a new table is checked (snapshot.py, verify.py) ---------------------------------------
+# The server copies and checks each new version of a file in a forked child before serving
+# it. The child is stopped with SIGSTOP here: a stand-in, without timing, for the seconds
+# the check of a big table takes.
 
 
 @pytest.fixture(scope="module")
@@ -524,16 +524,22 @@ class CheckerChild:
 
     @classmethod
     def find(cls, srv: ServerProcess, table: Path) -> CheckerChild:
-        """The server's child checking TABLE, once it has mapped the file (its walk begins)."""
+        """The server's child snapshotting TABLE, once it has closed the server's sockets
+        (snapshot.py names the copies it maps tcpmap:NAME)."""
         children = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children")
-        inode = str(table.stat().st_ino)
+        copy = f"/memfd:tcpmap:{table.name} "
         deadline = time.monotonic() + REPLY_TIMEOUT
         while True:
             assert time.monotonic() < deadline, "no child checking the table appeared"
             for pid in children.read_text().split():
                 with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                    maps = Path(f"/proc/{pid}/maps").read_text()
-                    if any(line.split()[4:5] == [inode] for line in maps.splitlines()):
+                    links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+                    # Past its fork: it has closed the server's sockets (and maps the
+                    # server's snapshots until it exits).
+                    closed = not any(link.startswith("socket:") for link in links)
+                    if closed and (
+                        str(table) in links or copy in Path(f"/proc/{pid}/maps").read_text()
+                    ):
                         return cls(int(pid), Path(f"/proc/{pid}/cmdline").read_bytes())
 
     def signal(self, signum: int) -> None:

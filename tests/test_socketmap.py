@@ -397,7 +397,7 @@ def tables(tmp_path: Path, make_table: MakeTable) -> Path:
 
 @pytest.fixture
 def maps(tables: Path) -> Iterator[Maps]:
-    opened = Maps(directory=tables, warm=False)
+    opened = Maps(directory=tables)
     yield opened
     opened.close()
 
@@ -470,7 +470,7 @@ def test_unknown_map_is_perm(maps: Maps) -> None:
 
 def test_unknown_map_without_a_directory_is_perm(tmp_path: Path, make_table: MakeTable) -> None:
     """With only --db, any other name is PERM."""
-    opened = Maps({"virtual": make_table(tmp_path / "virtual.lmdb", VIRTUAL)}, warm=False)
+    opened = Maps({"virtual": make_table(tmp_path / "virtual.lmdb", VIRTUAL)})
     try:
         assert answer(opened, b"virtual 100%") == b"OK percent"
         assert answer(opened, b"aliases root").startswith(b"PERM ")
@@ -492,7 +492,7 @@ def test_names_that_are_not_file_names_are_perm(
 
 def test_missing_file_of_a_known_map_is_temp(tmp_path: Path) -> None:
     """The --db table's file is missing: database trouble, TEMP (defer), never PERM."""
-    opened = Maps({"virtual": tmp_path / "virtual.lmdb"}, warm=False)
+    opened = Maps({"virtual": tmp_path / "virtual.lmdb"})
     try:
         payload = answer(opened, b"virtual alice@example.com")
         assert payload.startswith(b"TEMP ")

@@ -23,7 +23,7 @@ with atheris.instrument_imports():
 WORK = Path(tempfile.mkdtemp(prefix="tcpmap-fuzz-"))
 (WORK / "virtual").write_text("alice@example.com alice@example.net\nfoo bar baz\n")
 assert build_main(["-q", str(WORK / "virtual")]) == 0
-MAPS = Maps({"virtual": WORK / "virtual.lmdb"}, WORK, warm=False)
+MAPS = Maps({"virtual": WORK / "virtual.lmdb"}, WORK)
 TCP = Responder(MAPS.get("virtual").lookup)
 SOCKETMAP = SocketmapResponder(MAPS)
 GOOD_KEYS = {b"alice@example.com", b"foo"}

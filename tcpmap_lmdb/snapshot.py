@@ -1,0 +1,331 @@
+"""A private, sealed, checked copy of a table file: what the server maps.
+
+An LMDB file mapped by the server can be shrunk or rewritten under the mapping
+by anyone with write access (cp, truncate, rsync --inplace, postmap -i/-d, a
+writer growing it): a shrink is SIGBUS before any inotify event arrives, and a
+rewrite changes pages a lookup is reading. So the server maps a copy instead:
+a memfd (memfd_create(2)) that holds the file's bytes, sealed with
+F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL before it is checked
+(verify.py) and served. Nobody, the server included, can change a sealed
+memfd: what was checked is what is read. Each memfd is its own inode, so
+python-lmdb 3.x's "already open in this process" check (by inode) never
+meets the same file twice, whatever links point at it.
+
+The copy is taken under Postfix's shared fcntl lock (lmdb_table(5)), so a
+writer that follows the rules (postmap, postalias) is never seen halfway.
+A writer that takes no lock (cp, rsync --inplace) may be: the file's size
+and mtime are compared before and after the copy, and a copy that
+raced a change is thrown away and taken again.
+
+take() does all of this in the calling process. in_child() does it in a
+forked child, so that nothing that can block (opening a FIFO, waiting for a
+writer's lock, reading a stalled disk, checking a big file) runs on the
+server's event loop; the child is killed after a time that grows with the file
+size, and dies with the server (PR_SET_PDEATHSIG).
+
+Errors: TableError when the file itself is bad (missing, not a regular file,
+unreadable, not LMDB, corrupt): retried when it changes. SnapshotRetry when
+the attempt failed for another reason (descriptors or memory ran out, the
+child was killed, the file changed while copied): retried with back-off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import mmap
+import os
+import signal
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import verify
+
+MFD_NOEXEC_SEAL = 0x0008  # <linux/memfd.h>, Linux 6.3: never mappable PROT_EXEC
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_COPY_CHUNK = 1 << 30
+_COPY_ATTEMPTS = 5  # copies that raced a writer before giving up (SnapshotRetry)
+# The child's time: a floor, plus the copy and the check at a pessimistic
+# 20 MB/s (measured: about 200 MB/s for the check, 1 GB/s for the copy).
+TIME_FLOOR = 30.0
+TIME_PER_BYTE = 1 / 20e6
+_MAX_REPORT = 8192
+
+
+class TableError(Exception):
+    """The table cannot answer: missing, unreadable, corrupt. Maps to 400."""
+
+
+class SnapshotRetry(TableError):
+    """Taking the snapshot failed for a reason other than the file: try again later."""
+
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """What identifies one version of the file at a path."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Signature:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A sealed memfd (FD, owned by the holder) with the checked bytes of the file."""
+
+    fd: int
+    signature: Signature  # of the file copied
+    records: int  # leaf records found by the check
+
+
+Taker = Callable[[Path], Snapshot]
+
+
+def new_memfd(path: Path) -> int:
+    """An empty memfd that may be sealed, named after PATH (visible in /proc/PID/maps)."""
+    name = f"tcpmap:{path.name}"
+    flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+    try:
+        return os.memfd_create(name, flags | MFD_NOEXEC_SEAL)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # before Linux 6.3: no MFD_NOEXEC_SEAL
+            raise
+    return os.memfd_create(name, flags)
+
+
+def take(path: Path) -> Snapshot:
+    """Copy PATH into a new sealed memfd and check it, here; may block."""
+    try:
+        memfd = new_memfd(path)
+    except OSError as exc:
+        raise SnapshotRetry(f"cannot copy {path}: memfd_create: {exc.strerror}") from None
+    try:
+        signature, records = _fill(path, memfd)
+    except BaseException:
+        os.close(memfd)
+        raise
+    return Snapshot(memfd, signature, records)
+
+
+def _fill(path: Path, memfd: int) -> tuple[Signature, int]:
+    """Copy PATH into MEMFD under the shared lock, seal it, check it."""
+    for _ in range(_COPY_ATTEMPTS):
+        signature = _copy(path, memfd)
+        if signature is not None:
+            break
+        os.ftruncate(memfd, 0)
+    else:
+        raise SnapshotRetry(f"{path} kept changing while it was copied")
+    fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, SEALS)
+    size = signature.size
+    if size == 0:
+        raise TableError(f"{path} is not a readable LMDB file: it is empty")
+    with mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ) as view:
+        try:
+            records = verify.check(path, view, size)
+        except verify.Corrupt as exc:
+            raise TableError(str(exc)) from None
+    return signature, records
+
+
+def _copy(path: Path, memfd: int) -> Signature | None:
+    """Copy PATH into MEMFD; its Signature, or None if it changed meanwhile."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise TableError(f"{path} is missing") from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP, errno.ENXIO):
+            raise TableError(f"cannot open {path}: {exc.strerror}") from None
+        raise SnapshotRetry(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        os.lseek(memfd, 0, os.SEEK_SET)  # the memfd may be shared with a parent
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            raise TableError(f"{path} is not a regular file: it is {kind}")
+        # Postfix's rule for readers (lmdb_table(5)): a shared fcntl lock keeps
+        # postmap's in-place writes out while we read.
+        fcntl.lockf(fd, fcntl.LOCK_SH)
+        before = Signature.of(os.fstat(fd))
+        copied = 0
+        while copied < before.size:
+            sent = os.sendfile(memfd, fd, copied, min(before.size - copied, _COPY_CHUNK))
+            if sent == 0:
+                return None  # shrunk under us
+            copied += sent
+        after = os.fstat(fd)
+        # Content changes move mtime (and maybe size); ctime also moves with
+        # every link(2) or chmod(2), which change no byte.
+        unchanged = (after.st_size, after.st_mtime_ns) == (before.size, before.mtime_ns)
+        return before if unchanged else None
+    finally:
+        os.close(fd)  # releases the lock too
+
+
+# --- in a child process -------------------------------------------------------------
+
+
+def in_child(sleep: Callable[[float], object] = time.sleep) -> Taker:
+    """A Taker that runs take() in a forked child; SLEEP is how the parent waits.
+
+    The server passes gevent.sleep: lookups go on meanwhile. The memfd is made
+    here and inherited, so the child's copy is the parent's; the parent serves
+    it only once the child reports it checked and the seals are in place.
+    """
+
+    def take_in_child(path: Path) -> Snapshot:
+        try:
+            limit = TIME_FLOOR + os.stat(path).st_size * TIME_PER_BYTE
+        except OSError:
+            limit = TIME_FLOOR
+        try:
+            memfd = new_memfd(path)
+        except OSError as exc:
+            raise SnapshotRetry(f"cannot check {path}: memfd_create: {exc.strerror}") from None
+        try:
+            report = _run_child(path, memfd, sleep, limit)
+            if "bad" in report:
+                raise TableError(str(report["bad"]))
+            if "retry" in report:
+                raise SnapshotRetry(str(report["retry"]))
+            seals = fcntl.fcntl(memfd, fcntl.F_GET_SEALS)
+            signature = Signature(*report["signature"])
+            if seals & SEALS != SEALS or os.fstat(memfd).st_size != signature.size:
+                raise SnapshotRetry(f"the check of {path} left no sealed copy")
+            return Snapshot(memfd, signature, int(report["records"]))
+        except BaseException:
+            os.close(memfd)
+            raise
+
+    return take_in_child
+
+
+def _run_child(
+    path: Path, memfd: int, sleep: Callable[[float], object], limit: float
+) -> dict[str, Any]:
+    """Fork the child that fills MEMFD; its report, or SnapshotRetry."""
+    try:
+        reader, writer = os.pipe()
+    except OSError as exc:
+        raise SnapshotRetry(f"cannot check {path}: pipe: {exc.strerror}") from None
+    parent = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(reader)
+        os.close(writer)
+        raise SnapshotRetry(f"cannot check {path}: fork: {exc.strerror}") from None
+    if pid == 0:  # the child: never returns to the caller
+        os._exit(_child(path, memfd, writer, parent))
+    os.close(writer)
+    try:
+        status = _wait(pid, sleep, limit)
+        raw = os.read(reader, _MAX_REPORT)
+    finally:
+        os.close(reader)
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:  # a stop while waiting, or the limit
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+    if status is None:
+        raise SnapshotRetry(f"the check of {path} took longer than {limit:.0f}s")
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        raise SnapshotRetry(f"the check of {path} was killed ({name})")
+    try:
+        report = json.loads(raw)
+        assert isinstance(report, dict)
+    except (ValueError, AssertionError):
+        raise SnapshotRetry(f"the check of {path} failed (exit status {status})") from None
+    return report
+
+
+def _child(path: Path, memfd: int, writer: int, parent: int) -> int:
+    try:
+        _die_with(parent)
+        _close_all_but(memfd, writer)  # client and listening sockets belong to the server
+        signature, records = _fill(path, memfd)
+        report: dict[str, object] = {"signature": list(_fields(signature)), "records": records}
+    except TableError as exc:
+        report = {"bad": str(exc)}
+    except SnapshotRetry as exc:
+        report = {"retry": str(exc)}
+    except OSError as exc:  # descriptors, memory: try again later
+        report = {"retry": f"cannot check {path}: {exc.strerror or exc}"}
+    except Exception as exc:  # anything else: do not serve this copy
+        report = {"retry": f"cannot check {path}: {exc!r}"}
+    try:
+        os.write(writer, json.dumps(report).encode()[:_MAX_REPORT])
+    except OSError:
+        return 1
+    return 0
+
+
+def _fields(signature: Signature) -> tuple[int, ...]:
+    return (
+        signature.dev,
+        signature.ino,
+        signature.size,
+        signature.mtime_ns,
+        signature.ctime_ns,
+    )
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL this process when the server exits, however it exits (prctl(2))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
+
+
+def _close_all_but(*keep: int) -> None:
+    """Close every descriptor but KEEP; stdin, stdout and stderr go to /dev/null."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        os.dup2(null, std)
+    low = 3
+    for fd in sorted({*keep, null}):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    os.close(null)
+
+
+def _wait(pid: int, sleep: Callable[[float], object], limit: float) -> int | None:
+    """The child's exit status, or None if it still runs after LIMIT seconds."""
+    deadline = time.monotonic() + limit
+    pause = 0.001
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        sleep(pause)
+        pause = min(pause * 2, 0.05)
