@@ -13,9 +13,10 @@ meets the same file twice, whatever links point at it.
 
 The copy is taken under Postfix's shared fcntl lock (lmdb_table(5)), so a
 writer that follows the rules (postmap, postalias) is never seen halfway.
-A writer that takes no lock (cp, rsync --inplace) may be: the file's size
-and mtime are compared before and after the copy, and a copy that
-raced a change is thrown away and taken again.
+Postfix's bulk writers (postmap, postmap -i) hold only a shared lock, and a
+writer that takes none (cp, rsync --inplace) may be seen halfway: a copy during
+which the size changed, or the mtime and the newest commit (mm_txnid) changed,
+is thrown away and taken again.
 
 take() does all of this in the calling process. in_child() does it in a
 forked child, so that nothing that can block (opening a FIFO, waiting for a
@@ -58,6 +59,9 @@ _COPY_ATTEMPTS = 5  # copies that raced a writer before giving up (SnapshotRetry
 TIME_FLOOR = 30.0
 TIME_PER_BYTE = 1 / 20e6
 _MAX_REPORT = 8192
+# mdb.c MDB_meta, after the 16-byte page header: mm_psize (the free DB's md_pad)
+# at 40, mm_txnid at 144 to 152.
+_PSIZE, _TXNID, _META_END = 40, 144, 152
 
 
 class TableError(Exception):
@@ -179,12 +183,32 @@ def _copy(path: Path, memfd: int) -> Signature | None:
                 return None  # shrunk under us
             copied += sent
         after = os.fstat(fd)
-        # Content changes move mtime (and maybe size); ctime also moves with
-        # every link(2) or chmod(2), which change no byte.
-        unchanged = (after.st_size, after.st_mtime_ns) == (before.size, before.mtime_ns)
-        return before if unchanged else None
+        if after.st_size != before.size:
+            return None
+        # An LMDB writer never touches the pages of the last commit; it only
+        # reuses pages freed before it (mdb_page_alloc). A Postfix bulk writer
+        # (postmap, postmap -i) holds only a shared lock while it writes, so
+        # the copy may see its uncommitted pages, never a page of the tree the
+        # copied meta page points to: the copy is sound unless a commit landed
+        # meanwhile. A writer that knows nothing of LMDB (rsync --inplace)
+        # moves the mtime (ctime also moves with link(2), chmod(2)).
+        if after.st_mtime_ns != before.mtime_ns and _txnid(fd) != _txnid(memfd):
+            return None
+        return before
     finally:
         os.close(fd)  # releases the lock too
+
+
+def _txnid(fd: int) -> int | None:
+    """The newest mm_txnid of the two meta pages of the LMDB file FD (None if unreadable)."""
+    first = os.pread(fd, _META_END, 0)
+    if len(first) < _META_END:
+        return None
+    psize = int.from_bytes(first[_PSIZE : _PSIZE + 4], "little")
+    second = os.pread(fd, _META_END, psize)
+    if len(second) < _META_END:
+        return None
+    return max(int.from_bytes(meta[_TXNID:_META_END], "little") for meta in (first, second))
 
 
 # --- in a child process -------------------------------------------------------------
@@ -271,10 +295,10 @@ def _child(path: Path, memfd: int, writer: int, parent: int) -> int:
         _close_all_but(memfd, writer)  # client and listening sockets belong to the server
         signature, records = _fill(path, memfd)
         report: dict[str, object] = {"signature": list(_fields(signature)), "records": records}
+    except SnapshotRetry as exc:  # before TableError, its base class
+        report = {"retry": str(exc)}
     except TableError as exc:
         report = {"bad": str(exc)}
-    except SnapshotRetry as exc:
-        report = {"retry": str(exc)}
     except OSError as exc:  # descriptors, memory: try again later
         report = {"retry": f"cannot check {path}: {exc.strerror or exc}"}
     except Exception as exc:  # anything else: do not serve this copy
