@@ -32,6 +32,15 @@ ROOT = HERE.parent.parent
 PROJECT_BIN = ROOT / ".venv" / "bin"
 SERVER_CPU, LOADGEN_CPU = 0, 1  # one core each: neither steals the other's
 IDLE_CONNECTIONS = 10_000
+# Times snapshot.take() (copy into a sealed memfd, then verify.check) of argv[1].
+SNAPSHOT_TIMER = """
+import sys, time
+from pathlib import Path
+from tcpmap_lmdb import snapshot
+started = time.perf_counter()
+taken = snapshot.take(Path(sys.argv[1]))
+print(time.perf_counter() - started, taken.records)
+"""
 SATURATED_FROM, SATURATED_CPU = 16, 0.9
 ACTIVATE_READY = re.compile(r"Listening on 127\.0\.0\.1:(\d+)")
 POSTFIX_MAIN_CF = "compatibility_level = 3.6\n"
@@ -49,8 +58,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cold-runs", type=int, default=7, help="socket-activated starts")
     parser.add_argument(
         "--only",
-        default="lookups,scale,build,memory,cold",
-        help="comma-separated subset of lookups,scale,build,memory,cold",
+        default="lookups,scale,build,memory,cold,snapshot",
+        help="comma-separated subset of lookups,scale,build,memory,cold,snapshot",
     )
     parser.add_argument(
         "--quick", action="store_true", help="1 repeat of 1 s, no 10M table: a smoke test"
@@ -265,6 +274,42 @@ class Bench:
             holder.stdin.close()
             holder.wait(30)
 
+    # --- the table snapshot ------------------------------------------------------------
+
+    def snapshot(self) -> None:
+        """What serving a table costs (snapshot.py): the copy and check of the 1M-key table
+        (and of the 10M one with scale), timed in a fresh interpreter, and the RSS of a
+        server that serves it and the memory its snapshot holds (a memfd, outside RSS
+        until lookups touch it)."""
+        sets = [self.small, self.large] if "scale" in self.args.only else [self.small]
+        for data in sets:
+            size = data.table.stat().st_size
+            seconds, rss = [], []
+            for _ in range(self.args.repeats):
+                out = subprocess.run(
+                    [str(PROJECT_BIN / "python"), "-c", SNAPSHOT_TIMER, str(data.table)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ, **self.env},
+                ).stdout
+                seconds.append(float(out.split()[0]))
+                server = self.tcpmap(data)
+                try:
+                    procs.wait_answering(server.port(), data.hit_key())
+                    held = procs.memory(server.pid, data.table)
+                finally:
+                    server.stop()
+                rss.append((held["VmRSS"], held["Snapshot"]))
+                print(
+                    f"  {data.records:,} keys, {size / 2**20:.0f} MiB: snapshot "
+                    f"{seconds[-1]:.2f} s, server RSS {held['VmRSS'] / 1024:.1f} MiB, "
+                    f"snapshot in memory {held['Snapshot'] / 1024:.1f} MiB (mapped and "
+                    f"resident {held['RssTable'] / 1024:.1f})",
+                    flush=True,
+                )
+            self.results.snapshots[data.records] = (size, seconds, rss)
+
     # --- cold start ------------------------------------------------------------------
 
     def cold(self) -> None:
@@ -334,6 +379,7 @@ def main(argv: list[str]) -> int:
         ("build", bench.build),
         ("memory", bench.memory),
         ("cold", bench.cold),
+        ("snapshot", bench.snapshot),
     ]
     for name, step in steps:
         if name in args.only or (name == "lookups" and "scale" in args.only):

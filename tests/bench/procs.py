@@ -6,6 +6,7 @@ logs "listening on 127.0.0.1:PORT"), and every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -138,22 +139,34 @@ def others_cpu(ours: set[int]) -> dict[int, float]:
 
 
 def memory(pid: int, table: Path) -> dict[str, int]:
-    """VmRSS, RssAnon and RssFile in KiB, and RssTable: the resident pages of TABLE's mmap
-    (LMDB maps the whole file; those pages are the page cache, shared and reclaimable)."""
+    """VmRSS, RssAnon, RssFile and RssShmem in KiB, and RssTable: the resident pages of
+    TABLE's mmap (the server maps a sealed memfd copy of it, named tcpmap:NAME: see
+    tcpmap_lmdb/snapshot.py; the peer maps nothing), and Snapshot: that memfd's size in
+    memory, which RSS counts only as far as lookups have touched it."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, rest = line.partition(":")
-        if name in ("VmRSS", "RssAnon", "RssFile"):
+        if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
             out[name] = int(rest.split()[0])
     out["RssTable"] = 0
     in_table = False
-    target = str(table.resolve())
+    targets = {str(table.resolve()), f"/memfd:tcpmap:{table.name}"}
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         first = line.split(None, 1)[0]
         if "-" in first and not first.endswith(":"):  # a mapping's header line
-            in_table = line.split()[-1] == target
+            fields = line.split()
+            in_table = len(fields) > 5 and fields[5] in targets
         elif in_table and first == "Rss:":
             out["RssTable"] += int(line.split()[1])
+    # The snapshot's own memory, mapped or not: the memfd's allocated blocks (LMDB
+    # holds a second descriptor on it: count each inode once).
+    held = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).startswith(f"/memfd:tcpmap:{table.name} "):
+                st = fd.stat()
+                held[st.st_ino] = st.st_blocks // 2
+    out["Snapshot"] = sum(held.values())
     return out
 
 
