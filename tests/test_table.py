@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ from hypothesis import strategies as st
 from postfix_tools import run_postfix
 
 from tcpmap_lmdb import dbformat, snapshot
-from tcpmap_lmdb.table import LiveTable, Table, TableError
+from tcpmap_lmdb.snapshot import Snapshot, SnapshotRetry
+from tcpmap_lmdb.table import RETRY_FIRST, LiveTable, Table, TableError
 from tcpmap_lmdb.watch import DirectoryWatch
 
 SOURCE = 'Foo bar baz\nAlpha@Example.COM  x y\n"quoted key" q\nStraße s\n'
@@ -591,5 +594,54 @@ def test_a_table_that_lies_about_its_record_count_is_served_with_the_real_count(
     try:
         assert table.records == 101
         assert table.get(b"k0100") == b"v100"
+    finally:
+        table.close()
+
+
+def test_a_failed_snapshot_is_retried_with_back_off_without_a_change(db: Path) -> None:
+    """A snapshot that fails for a reason other than the file (here: descriptors ran out)
+    is taken again after the back-off, though the file never changed; meanwhile lookups
+    say why and that it is being retried."""
+    make_table(db, {"key": "value"})
+    failures = [SnapshotRetry(f"cannot check {db}: pipe: Too many open files")]
+
+    def flaky(path: Path) -> Snapshot:
+        if failures:
+            raise failures.pop()
+        return snapshot.take(path)
+
+    table = LiveTable(db, take=flaky, watch_directory=False)
+    try:
+        message = lookup_error(table)
+        assert "Too many open files" in message and "retrying" in message
+        deadline = time.monotonic() + 10 * RETRY_FIRST
+        while table.table is None:
+            assert time.monotonic() < deadline, "not retried"
+            with contextlib.suppress(TableError):
+                table.lookup(b"key")
+            time.sleep(RETRY_FIRST / 10)
+        assert table.lookup(b"key") == b"value"
+    finally:
+        table.close()
+
+
+def test_a_bad_file_is_not_retried_until_it_changes(db: Path) -> None:
+    """A verdict on the file (here: not LMDB) is kept, without another snapshot, until the
+    file at the path changes."""
+    db.write_bytes(b"not an LMDB file" * 300)
+    taken: list[Path] = []
+
+    def counting(path: Path) -> Snapshot:
+        taken.append(path)
+        return snapshot.take(path)
+
+    table = LiveTable(db, take=counting, watch_directory=False)
+    try:
+        for _ in range(5):
+            assert "is not a readable LMDB file" in lookup_error(table)
+        assert len(taken) == 1
+        make_table(db, {"key": "value"})
+        assert table.lookup(b"key") == b"value"
+        assert len(taken) == 2
     finally:
         table.close()
