@@ -60,7 +60,7 @@ class Maps:
         if self.directory is None or not valid_name(name):
             raise UnknownMap(name)
         path = self.directory / f"{name}{SUFFIX}"
-        if not path.is_file():
+        if not _is_table(path):
             raise UnknownMap(name)
         table = self._open[name] = self._live(path)
         return table
@@ -72,7 +72,7 @@ class Maps:
         if self.directory is not None:
             for path in sorted(self.directory.glob(f"*{SUFFIX}")):
                 name = map_name(path)
-                if valid_name(name) and path.is_file():
+                if valid_name(name) and _is_table(path):
                     self.get(name).refresh()
 
     def refresh_all(self, *, force: bool = False) -> None:
@@ -86,3 +86,9 @@ class Maps:
     def close(self) -> None:
         for table in list(self._open.values()):
             table.close()
+
+
+def _is_table(path: Path) -> bool:
+    """Whether PATH names a map: anything but a directory (a FIFO or a device there is a
+    map whose lookups are refused with a reason, TEMP, not an unknown map, PERM)."""
+    return path.exists() and not path.is_dir()

@@ -282,8 +282,8 @@ def test_a_writer_holding_the_lock_3s_delays_no_other_map(
 
 
 def test_fifo_at_a_table_path_blocks_nothing(two_maps: tuple[ServerProcess, Path]) -> None:
-    """A FIFO renamed onto a.lmdb: map a answers TEMP naming the path and saying FIFO, map b
-    keeps answering, and SIGTERM stops the server."""
+    """A FIFO renamed onto a.lmdb, or made as c.lmdb: maps a and c answer TEMP naming the path
+    and saying FIFO, map b keeps answering, and SIGTERM stops the server."""
     srv, maps = two_maps
     port = _socketmap_port(srv)
     fifo = maps / ".fifo"
@@ -296,6 +296,11 @@ def test_fifo_at_a_table_path_blocks_nothing(two_maps: tuple[ServerProcess, Path
         assert f"{maps / 'a.lmdb'} is not a regular file: it is a FIFO".encode() in text
         for _ in range(20):
             assert conn.ask(b"b", b"key") == (b"OK", b"b-value")
+        os.mkfifo(maps / "c.lmdb")  # a map first asked for while it is a FIFO
+        status, text = conn.ask(b"c", b"key")
+        assert status == b"TEMP", text
+        assert f"{maps / 'c.lmdb'} is not a regular file: it is a FIFO".encode() in text
+        assert conn.ask(b"b", b"key") == (b"OK", b"b-value")
     assert srv.stop(timeout=10) == 0
 
 
