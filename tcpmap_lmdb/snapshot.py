@@ -269,7 +269,8 @@ def _run_child(
     os.close(writer)
     try:
         status = _wait(pid, sleep, limit)
-        raw = os.read(reader, _MAX_REPORT)
+        # Only from a child that has exited: its end of the pipe is closed, no wait.
+        raw = os.read(reader, _MAX_REPORT) if status is not None else b""
     finally:
         os.close(reader)
         with contextlib.suppress(ChildProcessError):

@@ -645,3 +645,33 @@ def test_a_bad_file_is_not_retried_until_it_changes(db: Path) -> None:
         assert len(taken) == 2
     finally:
         table.close()
+
+
+_LOCK_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_check_past_its_time_limit_is_killed_and_retried(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot whose child waits longer than its limit (here a writer keeps the lock 10 s,
+    the limit is 0.5 s) fails as a retry, about when the limit passes, and its child is gone."""
+    make_table(db, {"key": "value"}, info=False)
+    monkeypatch.setattr(snapshot, "TIME_FLOOR", 0.5)
+    argv = [sys.executable, "-c", _LOCK_HOLDER, str(db), "10"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+            started = time.monotonic()
+            with pytest.raises(SnapshotRetry, match="took longer than"):
+                snapshot.in_child()(db)
+            assert time.monotonic() - started < 3
+            children = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+            assert children == [str(holder.pid)]
+        finally:
+            holder.kill()
