@@ -138,10 +138,12 @@ def write_table(
 ) -> None:
     """Atomically replace target with an LMDB file holding records and info.
 
-    On any failure, KeyboardInterrupt included, the previous target is left as
-    it was and the temporary file is removed. map_size is the initial LMDB map
+    A target that is a symbolic link is kept: the file it leads to is replaced
+    (published_path). On any failure, KeyboardInterrupt included, the previous
+    target is left as it was and the temporary file is removed. map_size is the initial LMDB map
     size (default: estimated from the records); it doubles whenever it is full.
     """
+    target = published_path(target)
     mode = _publish_mode(target)
     _remove_stale_temporaries(target)
     # Named before it exists: a Ctrl-C landing while it is being created still
@@ -173,6 +175,32 @@ def write_table(
             os.close(fd)
         if ours and not published:
             tmp.unlink(missing_ok=True)
+
+
+_MAX_SYMLINKS = 40  # Linux's limit on links followed in one lookup (path_resolution(7))
+
+
+def published_path(target: Path) -> Path:
+    """The file a build of TARGET replaces: TARGET, or where its chain of symbolic links ends.
+
+    postmap opens its output through a link, so the link stays and the served file
+    changes; a rename onto the link itself would replace the link instead. Each
+    link's text is taken relative to the link's own directory. The end of the
+    chain need not exist (a dangling link: the table is created there). Raises
+    OSError(ELOOP) after _MAX_SYMLINKS links, as open(2) does.
+    """
+    path = target
+    for _ in range(_MAX_SYMLINKS):
+        try:
+            text = os.readlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return path  # nothing there yet: created by the rename
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return path  # not a link
+            raise
+        path = path.parent / text  # an absolute text replaces the whole path
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(target))
 
 
 def _remove_stale_temporaries(target: Path) -> None:
