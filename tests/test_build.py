@@ -580,9 +580,11 @@ def test_symlinked_output_loop(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 def test_map_grows_when_full(tmp_path: Path) -> None:
     """Starting from a map far too small, the writer doubles it until everything fits."""
-    table = {stored_key(b"key%05d" % i): stored_value(b"v" * 300) for i in range(2000)}
+    keys = [stored_key(b"key%05d" % i) for i in range(2000)]
+    batches = [(keys[:700], [stored_value(b"v" * 300)] * 700), (keys[700:], [b"w\0"] * 1300)]
     info = BuildInfo(folded=True, syntax="postmap", records=2000, source="test", built_at="now")
-    build.write_table(tmp_path / "t.lmdb", table, info, map_size=64 * 1024)
+    written = build.write_table(tmp_path / "t.lmdb", batches, lambda n: info, map_size=64 * 1024)
+    assert written == 2000
     assert len(records(tmp_path / "t.lmdb")) == 2000
     assert build_info(tmp_path / "t.lmdb") == info
 
