@@ -15,7 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -80,10 +81,10 @@ def test_sorter_merges_many_runs_stably(tmp_path: Path, monkeypatch: pytest.Monk
         sorter.add(
             [k for k, _, _ in chunk],
             [v for _, v, _ in chunk],
-            extsort.array("Q", [n for _, _, n in chunk]),
+            array("Q", [n for _, _, n in chunk]),
         )
     assert sorter.spilled == 60  # one run per add: 50 records cost more than 2000 bytes
-    got = []
+    got: list[tuple[bytes, bytes, int]] = []
     for batch in sorter.merged():
         assert batch.keys == sorted(batch.keys)
         batch_keys = set(batch.keys)
@@ -306,7 +307,7 @@ def output_written(directory: Path) -> bool:
     return total >= 1 << 20
 
 
-PHASE_REACHED = {
+PHASE_REACHED: dict[str, Callable[[int, Path, list[int]], bool]] = {
     "reading": reading_past_a_run,
     "sorting": spilling_the_last_run,
     "writing": lambda pid, src, _: output_written(src.parent),
