@@ -28,7 +28,7 @@ import sys
 import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import chain, compress, count, islice
@@ -51,11 +51,8 @@ from tcpmap_lmdb.progress import Phase, Progress
 PROG = "tcpmap-build"
 PHASES = get_args(Phase)
 MAX_REPORTED_ERRORS = 100  # print this many bad lines, then only count them
-# The file grows only as pages are written (never writemap=True), so a generous
-# map costs nothing; doubling covers what the estimate misses (overflow pages).
 _MIN_MAP_SIZE = 1 << 20
 _MAX_MAP_SIZE = 1 << 40
-_RECORD_OVERHEAD = 64  # node header, page pointer, page headers, with margin
 # Records per write transaction. LMDB refuses a transaction that dirties more
 # than 128k pages (MDB_TXN_FULL), and keeps them all in memory until commit; a
 # record takes at most 3 (a leaf share plus 2 overflow pages for a 4 KB value).
@@ -191,7 +188,8 @@ def read_source(
     sorted: the rest is only checked, to report every bad line."""
     detected: sources.Syntax | None = None if syntax == "auto" else syntax
     first_line, done = 1, 0
-    for block in bulk.blocks(stream):
+    # Blocks well within a run, so that a run is not much larger than its budget.
+    for block in bulk.blocks(stream, max(1, min(bulk.BLOCK, sorter.run_bytes // 8))):
         if detected is None:
             detected = _detect_syntax(block)
         split = None
@@ -205,7 +203,8 @@ def read_source(
         if not report.errors:
             sorter.add(*split)
             progress.phase = "reading"  # sorter.add may have sorted a run
-        first_line += block.count(b"\n")
+        # A plain block (its payload known) is all entries, one a line.
+        first_line += len(split.keys) if split.payload >= 0 else block.count(b"\n")
         done += len(block)
         progress.advance(done, sorter.records)
     return detected or "postmap"
@@ -236,56 +235,148 @@ def write_table(
     records: Iterable[tuple[list[bytes], list[bytes]]],
     info: Callable[[int], BuildInfo],
     *,
-    size: tuple[int, int] | None = None,
-    map_size: int | None = None,
+    map_size: int = _MIN_MAP_SIZE,
 ) -> int:
     """Atomically replace target with an LMDB file holding records and the build record.
 
     RECORDS are batches of stored keys and values, in strictly increasing key
-    order across batches; INFO(n) gives the build record for n records, written
-    last. SIZE is (records, payload bytes) for the initial map size estimate;
-    map_size sets it instead. The map doubles whenever it is full. Returns how
-    many records were written.
+    order across batches; INFO(n) gives the build record for n records. Returns
+    how many records were written. See TableWriter.
+    """
+    with TableWriter(target, map_size) as writer:
+        for keys, values in records:
+            writer.append(keys, values)
+        return writer.publish(info)
+
+
+class TableWriter:
+    """A new table for TARGET, written beside it and published by rename.
+
+    Records are appended in strictly increasing key order and committed in
+    transactions of exactly BATCH records, so the file is the same however the
+    records were handed over. The build record is written last with a plain put
+    (its count is known only then). MAP_SIZE is the initial LMDB map size; it
+    doubles whenever it is full.
 
     A target that is a symbolic link is kept: the file it leads to is replaced
-    (published_path). On any failure, KeyboardInterrupt included, the previous
-    target is left as it was and the temporary file is removed.
+    (published_path). Leaving the with block without publish(), on any error
+    or KeyboardInterrupt, removes the temporary file and leaves the target as
+    it was. Errors are _Failed("TARGET: reason").
     """
-    target = published_path(target)
-    mode = _publish_mode(target)
-    _remove_stale_temporaries(target)
-    # Named before it exists: a Ctrl-C landing while it is being created still
-    # finds it to remove (with mkstemp the name would only be known afterwards).
-    # The PID in the name lets a later build remove it if this one is SIGKILLed.
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-    fd, ours, published = -1, True, False
-    try:
+
+    def __init__(self, target: Path, map_size: int) -> None:
+        self.target = target
+        self.written = 0
+        self._map_size = map_size
+        self._path = target
+        self._tmp: Path | None = None
+        self._fd = -1
+        self._env: lmdb.Environment | None = None
+        self._keys: list[bytes] = []
+        self._values: list[bytes] = []
+
+    def __enter__(self) -> TableWriter:
+        with self._errors():
+            self._path = published_path(self.target)
+            _remove_stale_temporaries(self._path)
+            # Named before it exists: a Ctrl-C landing while it is being created still
+            # finds it to remove (with mkstemp the name would only be known afterwards).
+            # The PID in the name lets a later build remove it if this one is SIGKILLed.
+            name = f".{self._path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+            tmp = self._path.with_name(name)
+            self._fd = os.open(tmp, _CREATE_FLAGS, 0o600)  # FileExistsError: not ours
+            self._tmp = tmp
+            self._open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+
+    def append(self, keys: list[bytes], values: list[bytes]) -> None:
+        """Records after every record appended so far, in strictly increasing key order."""
+        self._keys += keys
+        self._values += values
+        if len(self._keys) >= BATCH:
+            full = len(self._keys) - len(self._keys) % BATCH
+            with self._errors():
+                for start in range(0, full, BATCH):
+                    self._commit_batch(start, start + BATCH)
+            del self._keys[:full], self._values[:full]
+
+    def recall(self) -> Iterator[tuple[list[bytes], list[bytes]]]:
+        """Every record appended, in order, a batch at a time; the table then starts again
+        empty. (For a source that was in key order only at first: extsort.Sorter.)"""
+        assert self._env is not None and self._tmp is not None
+        with self._env.begin() as txn:
+            records = txn.cursor().iternext()
+            while chunk := list(islice(records, BATCH)):
+                yield [k for k, _ in chunk], [v for _, v in chunk]
+        yield self._keys, self._values
+        self._env.close()
+        self._env = None
+        os.ftruncate(self._fd, 0)
+        self.written, self._keys, self._values = 0, [], []
+        with self._errors():
+            self._open()
+
+    def publish(self, info: Callable[[int], BuildInfo]) -> int:
+        """Write the rest and the build record INFO(count), make the file durable and rename
+        it onto the target; the number of records."""
+        assert self._env is not None and self._tmp is not None
+        env, tmp = self._env, self._tmp
+        with self._errors():
+            if self._keys:
+                self._commit_batch(0, len(self._keys))
+            # Not appended: wherever META_KEY sorts, a plain put finds its place.
+            _commit(env, lambda txn: txn.put(META_KEY, info(self.written).encode()))
+            env.sync(True)
+            env.close()
+            self._env = None
+            os.fsync(self._fd)
+            # Created 0600; the server's user must be able to read it.
+            os.fchmod(self._fd, _publish_mode(self._path))
+            os.replace(tmp, self._path)
+            self._tmp = None
+            _fsync_directory(self._path.parent)  # make the rename itself durable
+        return self.written
+
+    def _open(self) -> None:
+        assert self._tmp is not None
+        # Postfix's own layout (postfix-maps.md 4.1): one file, no lock file.
+        self._env = lmdb.open(
+            str(self._tmp),
+            subdir=False,
+            lock=False,
+            map_size=self._map_size,
+            sync=False,
+            metasync=False,
+        )
+
+    def _commit_batch(self, start: int, end: int) -> None:
+        assert self._env is not None
+        _append(self._env, self._keys[start:end], self._values[start:end])
+        self.written += end - start
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """OSError and lmdb.Error as _Failed naming the target; a full disk as ENOSPC."""
         try:
-            fd = os.open(tmp, _CREATE_FLAGS, 0o600)
-        except FileExistsError:
-            ours = False  # someone else's file, however unlikely: leave it alone
-            raise
-        try:
-            written = _write_lmdb(
-                tmp, records, info, map_size or _estimate_map_size(*size or (0, 0))
-            )
+            yield
+        except OSError as exc:
+            raise _Failed(f"{self.target}: {exc.strerror or exc}") from exc
         except lmdb.Error as exc:
             # LMDB reports a short write on a full disk as EIO. Look while the
             # temporary still holds the space: once it is removed, it is free again.
-            if _nearly_full(fd):
-                raise OSError(errno.ENOSPC, f"No space left on device ({exc})") from exc
-            raise
-        os.fsync(fd)
-        os.fchmod(fd, mode)  # created 0600; the server user must be able to read it
-        os.replace(tmp, target)
-        published = True
-        _fsync_directory(target.parent)  # make the rename itself durable
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if ours and not published:
-            tmp.unlink(missing_ok=True)
-    return written
+            if self._fd >= 0 and _nearly_full(self._fd):
+                raise _Failed(f"{self.target}: No space left on device ({exc})") from exc
+            raise _Failed(f"{self.target}: {exc}") from exc
 
 
 _MAX_SYMLINKS = 40  # Linux's limit on links followed in one lookup (path_resolution(7))
@@ -344,45 +435,17 @@ def _publish_mode(target: Path) -> int:
         return 0o644 & ~umask
 
 
-def _estimate_map_size(records: int, payload: int) -> int:
-    return max(_MIN_MAP_SIZE, 2 * (payload + _RECORD_OVERHEAD * records))
+def _estimate_map_size(source_bytes: int | None) -> int:
+    """The initial map size for a source of that many bytes (None: unknown, stdin).
 
-
-def _write_lmdb(
-    path: Path,
-    batches: Iterable[tuple[list[bytes], list[bytes]]],
-    info: Callable[[int], BuildInfo],
-    map_size: int,
-) -> int:
-    """Write the batches in transactions of exactly BATCH records (so the file is the
-    same however the merge cut its batches), then the build record; the count."""
-    # Postfix's own layout (postfix-maps.md 4.1): one file, no lock file.
-    env = lmdb.open(
-        str(path), subdir=False, lock=False, map_size=map_size, sync=False, metasync=False
-    )
-    try:
-        written = 0
-        keys: list[bytes] = []
-        values: list[bytes] = []
-        for batch_keys, batch_values in batches:
-            keys += batch_keys
-            values += batch_values
-            if len(keys) >= BATCH:
-                full = len(keys) - len(keys) % BATCH
-                for start in range(0, full, BATCH):
-                    _append(env, keys[start : start + BATCH], values[start : start + BATCH])
-                written += full
-                del keys[:full], values[:full]
-        if keys:
-            _append(env, keys, values)
-            written += len(keys)
-        # Last, and not appended: the count is known only now, and wherever
-        # META_KEY sorts, a plain put finds its place.
-        _commit(env, lambda txn: txn.put(META_KEY, info(written).encode()))
-        env.sync(True)
-    finally:
-        env.close()
-    return written
+    A record stores about its source line plus a node header, a little more
+    for the shortest lines. A short estimate only costs a doubling (the
+    transaction is redone); a long one nothing, as the file grows only as
+    pages are written (never writemap=True).
+    """
+    if source_bytes is None:
+        return _MIN_MAP_SIZE << 6
+    return max(_MIN_MAP_SIZE, 4 * source_bytes)
 
 
 def _append(env: lmdb.Environment, keys: list[bytes], values: list[bytes]) -> None:
@@ -547,43 +610,40 @@ def _build(args: argparse.Namespace) -> int:
         raise _Failed(f"{target}: not a file name")
     if not args.check and name != "stdin" and _same_file(args.file, target):
         raise _Failed(f"{target}: is the source file; refusing to overwrite it")
-    with _opened(args) as stream:
+    with _opened(args) as stream, ExitStack() as stack:
+        source_bytes = _size(stream)
+        # The table is written from the start: a source in key order goes
+        # straight into it. Until it is published, it is a temporary file.
+        writer = None
+        if not args.check:
+            writer = stack.enter_context(TableWriter(target, _estimate_map_size(source_bytes)))
         tmpdir = Path(args.tmpdir) if args.tmpdir else _run_directory(target)
-        job = _Job(
-            args,
-            name,
-            target,
-            extsort.Sorter(tmpdir, run_bytes=_run_bytes()),
-            Reporter(name),
-            Progress(
-                sys.stderr,
-                enabled=not args.quiet and sys.stderr.isatty(),
-                source_bytes=_size(stream),
-            ),
+        sorter = stack.enter_context(
+            closing(extsort.Sorter(tmpdir, run_bytes=_run_bytes(), sink=writer))
         )
-        job.sorter.on_sort = lambda: job.progress.start("sorting")
+        enabled = not args.quiet and sys.stderr.isatty()
+        progress = Progress(sys.stderr, enabled=enabled, source_bytes=source_bytes)
+        stack.callback(progress.finish)
+        sorter.on_sort = lambda: progress.start("sorting")
+        job = _Job(args, name, sorter, Reporter(name), progress, writer)
         try:
             return _sort_and_write(job, stream)
         except KeyboardInterrupt as exc:
-            raise KeyboardInterrupt(job.progress.phase) from exc
-        except OSError as exc:
-            if job.progress.phase == "reading":
+            raise KeyboardInterrupt(progress.phase) from exc
+        except OSError as exc:  # the table's own errors are _Failed already
+            if progress.phase == "reading":
                 raise _Failed(f"{name}: {exc.strerror or exc}") from exc
-            # Only a spilled run is written while sorting: name where they go.
             raise _Failed(f"{tmpdir}: {exc.strerror or exc} (temporary sort runs)") from exc
-        finally:
-            job.sorter.close()
-            job.progress.finish()
 
 
 @dataclass(frozen=True)
 class _Job:
     args: argparse.Namespace
     name: str  # the source, as messages name it
-    target: Path
     sorter: extsort.Sorter
     report: Reporter
     progress: Progress
+    writer: TableWriter | None  # None: --check
 
 
 def _sort_and_write(job: _Job, stream: BinaryIO) -> int:
@@ -600,11 +660,13 @@ def _sort_and_write(job: _Job, stream: BinaryIO) -> int:
         return 1
     how = f"{syntax} syntax, {'folded' if args.fold else 'not folded'}"
     records = _distinct_batches(job)
-    if args.check:
+    if job.writer is None:
         count = sum(len(keys) for keys, _ in records)
         report.flush()
         done = f"{job.name}: {count} records OK ({how})"
     else:
+        for keys, values in records:
+            job.writer.append(keys, values)
 
         def info(count: int) -> BuildInfo:
             return BuildInfo(
@@ -615,10 +677,9 @@ def _sort_and_write(job: _Job, stream: BinaryIO) -> int:
                 built_at=datetime.now(UTC).isoformat(timespec="seconds"),
             )
 
-        size = (job.sorter.records, job.sorter.key_bytes + job.sorter.value_bytes)
-        count = _publish(job.target, records, info, size)
+        count = job.writer.publish(info)
         report.flush()
-        done = f"wrote {count} records to {job.target} ({how})"
+        done = f"wrote {count} records to {job.writer.target} ({how})"
     job.progress.finish()
     if not args.quiet:
         print(f"{PROG}: {done}", file=sys.stderr)
@@ -629,11 +690,11 @@ def _distinct_batches(job: _Job) -> Iterator[tuple[list[bytes], list[bytes]]]:
     """The merged records, one per key, for the writer; the progress line follows them.
 
     The first batch is taken at once: the last run is sorted (and the runs
-    spilled) then, before the table's temporary file exists.
+    spilled) then, in the "sorting" phase.
     """
     merged = job.sorter.merged()
     first = next(merged, None)
-    job.progress.start("writing", job.sorter.records)
+    job.progress.start("writing", job.sorter.records - job.sorter.sunk)
     return _counted(chain([first], merged) if first else merged, job)
 
 
@@ -692,20 +753,6 @@ def _run_directory(target: Path) -> Path:
         return published_path(target).parent
     except OSError:
         return target.parent  # the link loop is reported when the table is written
-
-
-def _publish(
-    target: Path,
-    records: Iterable[tuple[list[bytes], list[bytes]]],
-    info: Callable[[int], BuildInfo],
-    size: tuple[int, int],
-) -> int:
-    try:
-        return write_table(target, records, info, size=size)
-    except OSError as exc:
-        raise _Failed(f"{target}: {exc.strerror or exc}") from exc
-    except lmdb.Error as exc:  # e.g. "mdb_txn_commit: No space left on device"
-        raise _Failed(f"{target}: {exc}") from exc
 
 
 def _nearly_full(fd: int) -> bool:

@@ -43,6 +43,7 @@ class Split(NamedTuple):
     keys: list[bytes]
     values: list[bytes]
     lines: array[int]  # typecode "Q"
+    payload: int = -1  # about the bytes of all keys and values, if known without counting
 
 
 def blocks(stream: BinaryIO, size: int = BLOCK) -> Iterator[bytes]:
@@ -113,7 +114,8 @@ def _split_plain(block: bytes, first_line: int) -> Split | None:
     keys, values = parts[0:-1:3], parts[1::3]
     if min(map(len, keys)) < 2 or min(map(len, values)) < 2:
         return None  # an empty key (a leading space) or value (a trailing space)
-    return Split(keys, values, array("Q", range(first_line, first_line + count)))
+    # Each space and LF became a NUL: the keys and values are as long as the block.
+    return Split(keys, values, array("Q", range(first_line, first_line + count)), len(block))
 
 
 def _maybe_plain(block: bytes) -> bool:

@@ -14,6 +14,11 @@ which is several times faster than a heap merge in Python.
 Equal keys are never split between two reads of a run, so every record with a
 given key is in the same batch, in file order: the caller resolves duplicates
 (build.py). Line numbers are only read back for them.
+
+A source already in key order needs no sort: while every run is strictly
+increasing and follows the one before, runs go straight to a Sink (the table
+being written), and nothing is spilled. If a later run breaks the order, the
+sink gives its records back and they become the first spilled run.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, Protocol
 
 # Estimated bytes a record costs in a run beyond its key and value bytes: two
 # bytes objects, list slots, its line number, and the sort's index and key arrays.
@@ -51,6 +56,7 @@ class _Run:
     lines: array[int] | None = None
     pages: list[tuple[int, int, int]] = field(default_factory=list)  # offset, bytes, records
     lines_offset: int = 0
+    ordered: bool = False  # strictly increasing as it was read (no sort was needed)
 
 
 class Batch(NamedTuple):
@@ -62,15 +68,29 @@ class Batch(NamedTuple):
     line: Callable[[int], int]
 
 
+class Sink(Protocol):
+    """Where records in key order can go at once (build.TableWriter)."""
+
+    def append(self, keys: list[bytes], values: list[bytes]) -> None: ...
+
+    def recall(self) -> Iterator[tuple[list[bytes], list[bytes]]]:
+        """Every record appended, in order; the sink is then empty."""
+        ...
+
+
 class Sorter:
     """Collects records in file order, then yields them merged in key order."""
 
-    def __init__(self, directory: Path, run_bytes: int = RUN_BYTES) -> None:
+    def __init__(
+        self, directory: Path, run_bytes: int = RUN_BYTES, sink: Sink | None = None
+    ) -> None:
         self.directory = directory  # where spilled runs go
         self.run_bytes = run_bytes
+        self.sink = sink
+        self.sunk = 0  # records handed to the sink
+        self._sunk_last = b""  # the last key handed to it
+        self._sunk_lines: _Run | None = None  # their line numbers, in the temporary file
         self.records = 0  # every record added, duplicates included
-        self.key_bytes = 0
-        self.value_bytes = 0
         # Called before a run is sorted (and spilled): the build's "sorting" phase.
         self.on_sort: Callable[[], None] = lambda: None
         self._keys: list[bytes] = []
@@ -86,29 +106,78 @@ class Sorter:
         """How many runs are in the temporary file."""
         return sum(1 for run in self._runs if run.keys is None)
 
-    def add(self, keys: list[bytes], values: list[bytes], lines: array[int]) -> None:
-        """Add records in file order; may sort and spill the run being gathered."""
-        key_bytes, value_bytes = sum(map(len, keys)), sum(map(len, values))
+    def add(
+        self, keys: list[bytes], values: list[bytes], lines: array[int], payload: int = -1
+    ) -> None:
+        """Add records in file order (PAYLOAD: about their keys' and values' bytes, if
+        known); may sort and spill the run being gathered, or give them to the sink."""
+        if payload < 0:
+            payload = sum(map(len, keys)) + sum(map(len, values))
         self.records += len(keys)
-        self.key_bytes += key_bytes
-        self.value_bytes += value_bytes
+        if not self._keys and self._continues_sink(keys):
+            self._sink(keys, values, lines)  # straight from the parser: still in the cache
+            return
         self._keys += keys
         self._values += values
         self._lines += lines
-        self._pending += key_bytes + value_bytes + RECORD_COST * len(keys)
+        self._pending += payload + RECORD_COST * len(keys)
         if self._pending >= self.run_bytes:
             self.on_sort()
-            self._spill(self._sorted_run())
+            self._finish(self._sorted_run())
 
     def merged(self) -> Iterator[Batch]:
-        """Every record added, in key order (stable), a batch at a time."""
+        """Every record added and not handed to the sink, in key order (stable), a batch
+        at a time."""
         self.on_sort()
         last = self._sorted_run()
-        if not self._runs:
+        if not self._runs and not self.sunk:
             yield Batch(last.keys or [], last.values or [], (last.lines or array("Q")).__getitem__)
             return
-        self._spill(last)
-        yield from _merge(self, self._runs)
+        self._finish(last)
+        if self._runs:
+            yield from _merge(self, self._runs)
+
+    def _finish(self, run: _Run) -> None:
+        """Hand a sorted run to the sink if it continues what the sink has, else spill it."""
+        keys = run.keys
+        assert keys is not None and run.values is not None and run.lines is not None
+        if not keys:
+            return
+        if run.ordered and self._continues_sink(keys[:1]):
+            self._sink(keys, run.values, run.lines)
+            return
+        if self.sunk:
+            self._recall()
+        self._spill(run)
+
+    def _continues_sink(self, keys: list[bytes]) -> bool:
+        """Whether KEYS, non-empty, may go to the sink: strictly increasing, after all it has,
+        and nothing spilled yet."""
+        return (
+            self.sink is not None
+            and not self._runs
+            and bool(keys)
+            and keys[0] > self._sunk_last
+            and all(map(operator.lt, keys, islice(keys, 1, None)))
+        )
+
+    def _sink(self, keys: list[bytes], values: list[bytes], lines: array[int]) -> None:
+        assert self.sink is not None
+        if self._sunk_lines is None:
+            self._sunk_lines = _Run(0, lines_offset=self._offset())
+        self._write(lines.tobytes())  # for duplicates, should the order break later
+        self.sink.append(keys, values)
+        self.sunk += len(keys)
+        self._sunk_last = keys[-1]
+
+    def _recall(self) -> None:
+        """The sink's records become the first spilled run (they came first in the file)."""
+        assert self.sink is not None and self._sunk_lines is not None
+        run = self._sunk_lines
+        for keys, values in self.sink.recall():
+            self._write_pages(run, keys, values)
+        run.count, self.sunk, self._sunk_lines = self.sunk, 0, None
+        self._runs.append(run)
 
     def close(self) -> None:
         """Drop every run and close the temporary file (which removes it)."""
@@ -120,40 +189,51 @@ class Sorter:
     def _sorted_run(self) -> _Run:
         keys, values, lines = self._keys, self._values, self._lines
         self._keys, self._values, self._lines, self._pending = [], [], array("Q"), 0
-        if not all(map(operator.le, keys, islice(keys, 1, None))):
+        # Strictly increasing as read: a run the sink may take.
+        ordered = all(map(operator.lt, keys, islice(keys, 1, None)))
+        if not ordered and not all(map(operator.le, keys, islice(keys, 1, None))):
             order = sorted(range(len(keys)), key=keys.__getitem__)
             keys = [keys[i] for i in order]
             values = [values[i] for i in order]
             lines = array("Q", [lines[i] for i in order])
-        return _Run(len(keys), keys, values, lines)
+        return _Run(len(keys), keys, values, lines, ordered=ordered)
 
     def _spill(self, run: _Run) -> None:
-        """Append RUN to the temporary file, in pages that never split equal keys."""
+        """Append RUN to the temporary file: its pages, then its line numbers."""
         if run.count == 0:
             return
-        if self._file is None:
-            # O_TMPFILE when the filesystem allows it; else a name unlinked at once.
-            # Closed by close(), not by a with: it lives as long as the sorter.
-            self._file = tempfile.TemporaryFile(dir=self.directory, prefix=".tcpmap-build-")  # noqa: SIM115
-        keys, values, lines = run.keys, run.values, run.lines
-        assert keys is not None and values is not None and lines is not None
+        assert run.keys is not None and run.values is not None and run.lines is not None
+        self._write_pages(run, run.keys, run.values)
+        run.lines_offset = self._offset()
+        self._write(run.lines.tobytes())
+        run.keys = run.values = run.lines = None
+        self._runs.append(run)
+
+    def _write_pages(self, run: _Run, keys: list[bytes], values: list[bytes]) -> None:
+        """Append pages of RUN's records to the temporary file; a page never ends
+        between two equal keys (a merge batch then holds all of a key's records)."""
         start = 0
-        while start < run.count:
-            end = min(start + PAGE, run.count)
-            while end < run.count and keys[end] == keys[end - 1]:
+        while start < len(keys):
+            end = min(start + PAGE, len(keys))
+            while end < len(keys) and keys[end] == keys[end - 1]:
                 end += 1
             records: list[bytes] = [b""] * (2 * (end - start))
             records[0::2], records[1::2] = keys[start:end], values[start:end]
             data = b"\n".join(records) + b"\n"
+            run.pages.append((self._offset(), len(data), end - start))
             self._write(data)
-            run.pages.append((self._size - len(data), len(data), end - start))
             start = end
-        run.lines_offset = self._size
-        self._write(lines.tobytes())
-        run.keys = run.values = run.lines = None
-        self._runs.append(run)
+
+    def _offset(self) -> int:
+        """Where the next write goes in the temporary file, created on first use."""
+        if self._file is None:
+            # O_TMPFILE when the filesystem allows it; else a name unlinked at once.
+            # Closed by close(), not by a with: it lives as long as the sorter.
+            self._file = tempfile.TemporaryFile(dir=self.directory, prefix=".tcpmap-build-")  # noqa: SIM115
+        return self._size
 
     def _write(self, data: bytes) -> None:
+        self._offset()
         assert self._file is not None
         view = memoryview(data)
         while view:

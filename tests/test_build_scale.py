@@ -32,13 +32,26 @@ SMALL_RUNS = "4096"  # bytes of estimated run size: a run every dozen records or
 
 
 def shuffled_source(
-    path: Path, records: int, *, duplicates: int = 0, seed: int = 17, shuffle: bool = True
+    path: Path,
+    records: int,
+    *,
+    duplicates: int = 0,
+    seed: int = 17,
+    shuffle: bool = True,
+    chunks: int = 0,
 ) -> Path:
-    """RECORDS plain "key value" lines in random order (or in key order), plus DUPLICATES
-    repeated keys (in other case, with other values) spread over the file."""
+    """RECORDS plain "key value" lines in random order (or in key order; or, with CHUNKS,
+    in chunks of that many lines in key order, the chunks in reverse: cheap to sort), plus
+    DUPLICATES repeated keys (in other case, with other values) spread over the file."""
     rng = random.Random(seed)  # noqa: S311 - test data
     lines = [f"user{i:07d}@example.com d{i % 97}/u{i}\n" for i in range(records)]
-    if shuffle:
+    if chunks:
+        lines = [
+            line
+            for start in range(records - records % chunks, -1, -chunks)
+            for line in lines[start : start + chunks]
+        ]
+    elif shuffle:
         rng.shuffle(lines)
     for n in range(duplicates):
         at = rng.randrange(len(lines) + 1)
@@ -98,6 +111,31 @@ def test_sorter_merges_many_runs_stably(tmp_path: Path, monkeypatch: pytest.Monk
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sorter_hands_ordered_runs_to_the_sink(tmp_path: Path) -> None:
+    """Runs in key order go straight into the table (nothing is spilled); when a later run
+    breaks the order, the table gives them back and they are merged first, in file order."""
+    keys = [b"k%05d\0" % i for i in range(3000)]
+    later = [b"k%05d\0" % i for i in range(1, 3000, 7)]  # after them in the file, duplicates
+    with build.TableWriter(tmp_path / "t.lmdb", 1 << 20) as writer:
+        sorter = extsort.Sorter(tmp_path, run_bytes=2000, sink=writer)
+        for start in range(0, 3000, 50):
+            lines = array("Q", range(start + 1, start + 51))
+            sorter.add(keys[start : start + 50], [b"first\0"] * 50, lines)
+        assert (sorter.sunk, sorter.spilled) == (3000, 0)
+        sorter.add(later, [b"later\0"] * len(later), array("Q", range(3001, 3001 + len(later))))
+        assert (sorter.sunk, sorter.spilled) == (0, 2)
+        merged = [
+            (k, v, b.line(i))
+            for b in sorter.merged()
+            for i, (k, v) in enumerate(zip(b.keys, b.values, strict=True))
+        ]
+        sorter.close()
+    expected = [(k, b"first\0", i + 1) for i, k in enumerate(keys)]
+    expected += [(k, b"later\0", 3001 + i) for i, k in enumerate(later)]
+    assert merged == sorted(expected, key=lambda r: r[0])
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- the same table, however many runs -------------------------------------------------------
 
 
@@ -117,6 +155,27 @@ def test_many_runs_give_the_same_file(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(warnings) == 40
     numbers = [int(w.split(":")[1]) for w in warnings]
     assert numbers == sorted(numbers)
+
+
+@pytest.mark.parametrize("order", ["sorted", "sorted, then appended"])
+def test_sources_in_key_order_give_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, order: str
+) -> None:
+    """A source in key order (written straight into the table), or in key order with unsorted
+    lines appended (the table is read back into the sort): the same file as one run."""
+    src = shuffled_source(tmp_path / "map", 20_000, shuffle=False)
+    if order != "sorted":
+        with src.open("a") as tail:  # new entries, and changed ones, at the end
+            tail.writelines(f"user{i:07d}@example.com changed{i}\n" for i in range(30, 20_000, 997))
+            tail.writelines(f"new{i}@example.org n\n" for i in range(500, 0, -1))
+    files = []
+    for budget in (None, SMALL_RUNS):
+        out = tmp_path / f"{budget}.lmdb"
+        status, err = build_with(monkeypatch, budget, "-o", out, src)
+        assert status == 0
+        files.append((without_build_time(out.read_bytes()), err.replace(out.name, "OUT")))
+    assert files[0] == files[1]
+    assert files[0][1].count("duplicate key") == (0 if order == "sorted" else 21)
 
 
 @pytest.mark.parametrize("options", [(), ("-r",), ("-w",), ("-f",)])
@@ -325,8 +384,8 @@ def test_interrupted_in_each_phase(tmpfs: Path, phase: str, signum: int) -> None
     src = tmpfs / "map"
     src.write_text("old value\n")
     assert build.main(["-q", str(src)]) == 0
-    # In key order, reading goes on while runs are spilled (they need no sorting).
-    shuffled_source(src, 400_000, shuffle=phase != "reading")
+    # While reading, runs in chunks of key order take little sorting: reading goes on.
+    shuffled_source(src, 400_000, chunks=5000 if phase == "reading" else 0)
     before, used = snapshot(tmpfs), used_blocks(tmpfs)
     env = {**os.environ, "TCPMAP_BUILD_RUN_BYTES": PHASE_BUDGET[phase]}
     hit = []
@@ -385,34 +444,34 @@ def test_sigkill_leaves_no_run_file(tmpfs: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("size", "phase", "where"),
+    ("size", "shuffle", "where"),
     [
-        ("2m", "sorting", "runs"),  # the runs do not fit
-        ("7m", "writing", "table"),  # the runs (4.4 MB) fit, not the table (4.7 MB) too
+        ("2m", True, "runs"),  # sorting: the runs (4.4 MB) do not fit
+        ("7m", True, "table"),  # writing: the runs fit, not the table (4.7 MB) too
+        ("3m", False, "table"),  # reading: a source in key order goes straight to the table
     ],
+    ids=["sorting", "writing", "reading"],
 )
 def test_disk_full_in_each_phase(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: str, phase: str, where: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: str, shuffle: bool, where: str
 ) -> None:
-    """A full disk while spilling runs (sorting) or writing the table: exit 1, one line naming
-    the directory of the runs or the table, the old table intact, all space free again.
-    (Reading writes nothing, so it cannot fill a disk.)"""
+    """A full disk while spilling runs, or writing the table (after the sort, or while
+    reading a source in key order): exit 1, one line naming the directory of the runs or
+    the table, the old table intact, all space free again."""
     mount = tmp_path / "fs"
     mount.mkdir()
     for fs in _mounted(mount, size):
         db = fs / "map.lmdb"
-        status, _ = build_with(
-            monkeypatch, None, "-q", "-o", db, shuffled_source(tmp_path / "s", 10)
-        )
-        assert status == 0
+        small = shuffled_source(tmp_path / "s", 10)
+        assert build_with(monkeypatch, None, "-q", "-o", db, small)[0] == 0
         before, used = snapshot(fs), used_blocks(fs)
-        src = shuffled_source(tmp_path / "big", 100_000)  # 3.5 MB of source
+        src = shuffled_source(tmp_path / "big", 100_000, shuffle=shuffle)  # 3.5 MB of source
         status, err = build_with(monkeypatch, "2000000", "-o", db, src)
         assert status == 1
         expected = (
             f"{fs}: No space left on device (temporary sort runs)"
             if where == "runs"
-            else (f"{db}: No space left on device")
+            else f"{db}: No space left on device"
         )
         assert err.startswith(f"tcpmap-build: {expected}"), err
         assert err.count("\n") == 1
