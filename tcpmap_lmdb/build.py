@@ -90,6 +90,7 @@ class Reporter:
     def __init__(self, name: str) -> None:
         self.name = name
         self.errors = 0
+        self.before_print: Callable[[], None] = lambda: None  # erases a progress line
         self._held: list[tuple[int, str]] = []
 
     def error(self, lineno: int, reason: str) -> None:
@@ -98,6 +99,7 @@ class Reporter:
             self.warn(lineno, reason)
 
     def warn(self, lineno: int, message: str) -> None:
+        self.before_print()
         print(f"{self.name}:{lineno}: {message}", file=sys.stderr)
 
     def hold(self, lineno: int, message: str) -> None:
@@ -625,7 +627,9 @@ def _build(args: argparse.Namespace) -> int:
         progress = Progress(sys.stderr, enabled=enabled, source_bytes=source_bytes)
         stack.callback(progress.finish)
         sorter.on_sort = lambda: progress.start("sorting")
-        job = _Job(args, name, sorter, Reporter(name), progress, writer)
+        report = Reporter(name)
+        report.before_print = progress.finish
+        job = _Job(args, name, sorter, report, progress, writer)
         try:
             return _sort_and_write(job, stream)
         except KeyboardInterrupt as exc:

@@ -41,7 +41,7 @@ RECORD_COST = 220
 # sorted and spilled; with the merge's read buffers, the build stays under 256 MiB.
 RUN_BYTES = 96 << 20
 # What the merge reads ahead from all runs together, in records; spread over the runs.
-MERGE_RECORDS = 400_000
+MERGE_RECORDS = 200_000
 PAGE = 1024  # records per page in a spilled run: the unit of the merge's reads
 _LINE_BYTES = array("Q").itemsize
 
