@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install the Debian/Ubuntu packages a target needs, only those missing.
 #   venv: what building systemd-python in .venv needs
-#   test: venv's and system's, plus Postfix's own tools (the real client in the tests)
+#   test: venv's and system's, plus Postfix's own tools (the real client in the tests),
+#         and /usr/bin/time (the build bench's peak memory)
 #   deb: what building the Debian package needs (scripts/build-deb.sh)
 #   system: what the system test of the package needs (tests/test_system_deb.py)
 #   debian-stack: Debian 12's own Python stack (scripts/test-debian-stack.sh)
@@ -10,7 +11,7 @@ set -eu
 venv_pkgs="python3-venv python3-dev gcc pkg-config libsystemd-dev"
 deb_pkgs="debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian"
 system_pkgs="debootstrap systemd-container"
-test_pkgs="$venv_pkgs $system_pkgs postfix postfix-lmdb"
+test_pkgs="$venv_pkgs $system_pkgs postfix postfix-lmdb time"
 debian_stack_pkgs="python3-venv python3-gevent python3-lmdb python3-systemd"
 
 case "${1:-}" in

@@ -1,11 +1,14 @@
 """tcpmap-build: turn a postmap(1) or aliases(5) source into a Postfix-compatible LMDB table.
 
-Everything is parsed and checked first; a single bad line means nothing is
-written. Postmap sources take bulk.py's fast path when it can build them; the
-rest, and every source with something to report, go line by line. The table
-is then written to a temporary file beside the target and renamed onto it, so
-readers see either the old table or the complete new one (design.md decision
-5), never a partial file, even after a crash or Ctrl-C.
+The source is read a block at a time and every line is checked first; a single
+bad line means nothing is written. Postmap blocks of plain lines take bulk.py's
+fast path; the rest go line by line through sources.py. The checked records go
+to an external merge sort (extsort.py), so memory stays bounded whatever the
+size of the source; the merge resolves duplicate keys as postmap does and feeds
+the LMDB writer in key order. The table is written to a temporary file beside
+the target and renamed onto it, so readers see either the old table or the
+complete new one (design.md decision 5), never a partial file, even after a
+crash or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import errno
 import gc
 import glob
 import io
+import operator
 import os
 import re
 import secrets
@@ -22,16 +26,18 @@ import signal
 import stat
 import sys
 import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, closing, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain, compress, count, islice
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal, get_args
 
 import lmdb
 
-from tcpmap_lmdb import bulk, protocol, sources
+from tcpmap_lmdb import bulk, extsort, protocol, sources
 from tcpmap_lmdb.dbformat import (
     MAX_KEY_BYTES,
     META_KEY,
@@ -40,35 +46,25 @@ from tcpmap_lmdb.dbformat import (
     stored_key,
     stored_value,
 )
+from tcpmap_lmdb.progress import Phase, Progress
 
 PROG = "tcpmap-build"
+PHASES = get_args(Phase)
 MAX_REPORTED_ERRORS = 100  # print this many bad lines, then only count them
-# The file grows only as pages are written (never writemap=True), so a generous
-# map costs nothing; doubling covers what the estimate misses (overflow pages).
 _MIN_MAP_SIZE = 1 << 20
 _MAX_MAP_SIZE = 1 << 40
-_RECORD_OVERHEAD = 64  # node header, page pointer, page headers, with margin
 # Records per write transaction. LMDB refuses a transaction that dirties more
 # than 128k pages (MDB_TXN_FULL), and keeps them all in memory until commit; a
 # record takes at most 3 (a leaf share plus 2 overflow pages for a 4 KB value).
 BATCH = 20_000
+_REOPEN_EVERY = 32  # transactions between two reopenings of the table's LMDB map
 _CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Each value byte quotes to at most 3 ("%XX"): shorter values always fit a reply.
 _ALWAYS_FITS = (protocol.MAX_REPLY - len(b"200 \n")) // 3
 
 Duplicates = Literal["warn", "first", "last"]
-# Records in stored form, as write_table takes them: a dict from the general
-# path, or the fast path's lists, already in key order.
-Records = dict[bytes, bytes] | bulk.KeyOrdered
-
-
-@dataclass
-class Loaded:
-    """Checked records in stored (NUL-terminated) form, and how many lines were bad."""
-
-    records: dict[bytes, bytes] = field(default_factory=dict)
-    first_line: dict[bytes, int] = field(default_factory=dict)  # kept only to warn
-    errors: int = 0
+# Warnings about duplicate keys are printed sorted by line, this many at a time.
+_WARNINGS_HELD = 10_000
 
 
 def check_entry(key: bytes, value: bytes) -> str | None:
@@ -84,95 +80,349 @@ def check_entry(key: bytes, value: bytes) -> str | None:
     return None
 
 
-def load(
+class Reporter:
+    """Messages about the source, on stderr as NAME:LINE: message.
+
+    Bad lines are printed at once, the first MAX_REPORTED_ERRORS of them, and
+    counted. Duplicate keys are found only when the sorted runs are merged, in
+    key order: their warnings are held and printed sorted by line.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.errors = 0
+        self.before_print: Callable[[], None] = lambda: None  # erases a progress line
+        self._held: list[tuple[int, str]] = []
+
+    def error(self, lineno: int, reason: str) -> None:
+        self.errors += 1
+        if self.errors <= MAX_REPORTED_ERRORS:
+            self.warn(lineno, reason)
+
+    def warn(self, lineno: int, message: str) -> None:
+        self.before_print()
+        print(f"{self.name}:{lineno}: {message}", file=sys.stderr)
+
+    def hold(self, lineno: int, message: str) -> None:
+        self._held.append((lineno, message))
+        if len(self._held) >= _WARNINGS_HELD:
+            self.flush()
+
+    def flush(self) -> None:
+        for lineno, message in sorted(self._held):
+            self.warn(lineno, message)
+        self._held = []
+
+
+def checked_entries(
     items: Iterable[sources.Entry | sources.Problem],
-    name: str,
+    report: Reporter,
     *,
     fold_keys: bool = True,
-    duplicates: Duplicates = "warn",
-) -> Loaded:
-    """Fold, check and de-duplicate entries; report problems on stderr as NAME:LINE: reason."""
-    table = Loaded()
+    first_line: int = 1,
+) -> bulk.Split:
+    """Fold and check the entries of a block that starts at FIRST_LINE; report its
+    problems. The result keeps every good entry, duplicates included, in file order."""
+    keys: list[bytes] = []
+    values: list[bytes] = []
+    lines = array("Q")
+    base = first_line - 1
     for item in items:
         if isinstance(item, sources.Problem):
             if item.fatal:
-                _error(table, name, item.lineno, item.reason)
+                report.error(base + item.lineno, item.reason)
             else:
-                _report(name, item.lineno, item.reason)
+                report.warn(base + item.lineno, item.reason)
             continue
         key = fold(item.key) if fold_keys else item.key
         reason = check_entry(key, item.value)
         if reason is not None:
-            _error(table, name, item.lineno, reason)
+            report.error(base + item.lineno, reason)
             continue
-        skey = stored_key(key)
-        if skey not in table.records:
-            table.records[skey] = stored_value(item.value)
-            if duplicates == "warn":
-                table.first_line[skey] = item.lineno
-        elif duplicates == "last":
-            table.records[skey] = stored_value(item.value)
-        elif duplicates == "warn":
-            shown = key.decode("utf-8", "backslashreplace")
-            first = table.first_line[skey]
-            message = f'duplicate key "{shown}" (first at line {first}): keeping the first'
-            _report(name, item.lineno, message)
-    return table
+        keys.append(stored_key(key))
+        values.append(stored_value(item.value))
+        lines.append(base + item.lineno)
+    return bulk.Split(keys, values, lines)
 
 
-def _report(name: str, lineno: int, message: str) -> None:
-    print(f"{name}:{lineno}: {message}", file=sys.stderr)
+def distinct(
+    batch: extsort.Batch, duplicates: Duplicates, report: Reporter
+) -> tuple[list[bytes], list[bytes]]:
+    """A merged batch with one record per key: the first in file order wins, or the
+    last with "last"; with "warn", each later one is reported naming the first's line."""
+    keys, values = batch.keys, batch.values
+    if all(map(operator.lt, keys, islice(keys, 1, None))):
+        return keys, values
+    dropped = set()
+    first = last = -1  # the current group of equal keys: its first and latest index
+    first_line = 0
+    # indexes i where keys[i] == keys[i - 1], found in C
+    for i in compress(count(1), map(operator.eq, keys, islice(keys, 1, None))):
+        if i - 1 != last:
+            first, first_line = i - 1, 0
+        last = i
+        if duplicates == "last":
+            dropped.add(i - 1)
+            continue
+        dropped.add(i)
+        if duplicates == "warn":
+            first_line = first_line or batch.line(first)
+            shown = keys[i][:-1].decode("utf-8", "backslashreplace")
+            message = f'duplicate key "{shown}" (first at line {first_line}): keeping the first'
+            report.hold(batch.line(i), message)
+    kept = [i for i in range(len(keys)) if i not in dropped]
+    return [keys[i] for i in kept], [values[i] for i in kept]
 
 
-def _error(table: Loaded, name: str, lineno: int, reason: str) -> None:
-    table.errors += 1
-    if table.errors <= MAX_REPORTED_ERRORS:
-        _report(name, lineno, reason)
+# --- reading ----------------------------------------------------------------------
+
+
+def read_source(
+    stream: BinaryIO,
+    sorter: extsort.Sorter,
+    report: Reporter,
+    progress: Progress,
+    *,
+    syntax: sources.Syntax | Literal["auto"] = "auto",
+    fold_keys: bool = True,
+) -> sources.Syntax:
+    """Read, split and check every line of STREAM into SORTER; the syntax (detected
+    from the first logical line for "auto"). Once a line is bad, nothing more is
+    sorted: the rest is only checked, to report every bad line."""
+    detected: sources.Syntax | None = None if syntax == "auto" else syntax
+    first_line, done = 1, 0
+    # Blocks well within a run, so that a run is not much larger than its budget.
+    for block in bulk.blocks(stream, max(1, min(bulk.BLOCK, sorter.run_bytes // 8))):
+        if detected is None:
+            detected = _detect_syntax(block)
+        split = None
+        if (detected or "postmap") == "postmap":
+            split = bulk.split_block(block, fold_keys, first_line)
+            if split is not None and not _all_fit(split):
+                split = None
+        if split is None:
+            items = sources.parse(io.BytesIO(block), detected or "postmap")[1]
+            split = checked_entries(items, report, fold_keys=fold_keys, first_line=first_line)
+        if not report.errors:
+            sorter.add(*split)
+            progress.phase = "reading"  # sorter.add may have sorted a run
+        # A plain block (its payload known) is all entries, one a line.
+        first_line += len(split.keys) if split.payload >= 0 else block.count(b"\n")
+        done += len(block)
+        progress.advance(done, sorter.records)
+    return detected or "postmap"
+
+
+def _detect_syntax(block: bytes) -> sources.Syntax | None:
+    """The syntax of the block's first logical line, None if it has none."""
+    for item in sources.logical_lines(io.BytesIO(block)):
+        if isinstance(item, sources.LogicalLine):
+            return sources.detect_syntax(item.text)
+    return None
+
+
+def _all_fit(split: bulk.Split) -> bool:
+    """Whether check_entry passes every record; in C unless a record is near a limit."""
+    keys, values = split.keys, split.values  # stored: with their trailing NUL
+    short_keys = max(map(len, keys), default=0) <= MAX_KEY_BYTES
+    if short_keys and max(map(len, values), default=0) <= _ALWAYS_FITS + 1:
+        return True  # neither is ever empty (bulk.split_block)
+    return all(check_entry(k[:-1], v[:-1]) is None for k, v in zip(keys, values, strict=True))
 
 
 # --- writing ----------------------------------------------------------------
 
 
 def write_table(
-    target: Path, records: Records, info: BuildInfo, *, map_size: int | None = None
-) -> None:
-    """Atomically replace target with an LMDB file holding records and info.
+    target: Path,
+    records: Iterable[tuple[list[bytes], list[bytes]]],
+    info: Callable[[int], BuildInfo],
+    *,
+    map_size: int = _MIN_MAP_SIZE,
+) -> int:
+    """Atomically replace target with an LMDB file holding records and the build record.
 
-    On any failure, KeyboardInterrupt included, the previous target is left as
-    it was and the temporary file is removed. map_size is the initial LMDB map
-    size (default: estimated from the records); it doubles whenever it is full.
+    RECORDS are batches of stored keys and values, in strictly increasing key
+    order across batches; INFO(n) gives the build record for n records. Returns
+    how many records were written. See TableWriter.
     """
-    mode = _publish_mode(target)
-    _remove_stale_temporaries(target)
-    # Named before it exists: a Ctrl-C landing while it is being created still
-    # finds it to remove (with mkstemp the name would only be known afterwards).
-    # The PID in the name lets a later build remove it if this one is SIGKILLed.
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-    fd, ours, published = -1, True, False
-    try:
+    with TableWriter(target, map_size) as writer:
+        for keys, values in records:
+            writer.append(keys, values)
+        return writer.publish(info)
+
+
+class TableWriter:
+    """A new table for TARGET, written beside it and published by rename.
+
+    Records are appended in strictly increasing key order and committed in
+    transactions of exactly BATCH records, so the file is the same however the
+    records were handed over. The build record is written last with a plain put
+    (its count is known only then). MAP_SIZE is the initial LMDB map size; it
+    doubles whenever it is full.
+
+    A target that is a symbolic link is kept: the file it leads to is replaced
+    (published_path). Leaving the with block without publish(), on any error
+    or KeyboardInterrupt, removes the temporary file and leaves the target as
+    it was. Errors are _Failed("TARGET: reason").
+    """
+
+    def __init__(self, target: Path, map_size: int) -> None:
+        self.target = target
+        self.written = 0
+        self._map_size = map_size
+        self._path = target
+        self._tmp: Path | None = None
+        self._fd = -1
+        self._env: lmdb.Environment | None = None
+        self._keys: list[bytes] = []
+        self._values: list[bytes] = []
+        self._commits = 0  # transactions since the file was started
+
+    def __enter__(self) -> TableWriter:
+        with self._errors():
+            self._path = published_path(self.target)
+            _remove_stale_temporaries(self._path)
+            # Named before it exists: a Ctrl-C landing while it is being created still
+            # finds it to remove (with mkstemp the name would only be known afterwards).
+            # The PID in the name lets a later build remove it if this one is SIGKILLed.
+            name = f".{self._path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+            try:
+                self._tmp = self._path.with_name(name)
+                self._fd = os.open(self._tmp, _CREATE_FLAGS, 0o600)
+                self._open()
+            except FileExistsError:
+                self._tmp = None  # someone else's file, however unlikely: leave it alone
+                raise
+            except BaseException:
+                self.__exit__()  # a with block calls it only once __enter__ returned
+                raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+
+    def append(self, keys: list[bytes], values: list[bytes]) -> None:
+        """Records after every record appended so far, in strictly increasing key order."""
+        self._keys += keys
+        self._values += values
+        if len(self._keys) >= BATCH:
+            full = len(self._keys) - len(self._keys) % BATCH
+            with self._errors():
+                for start in range(0, full, BATCH):
+                    self._commit_batch(start, start + BATCH)
+            del self._keys[:full], self._values[:full]
+
+    def recall(self) -> Iterator[tuple[list[bytes], list[bytes]]]:
+        """Every record appended, in order, a batch at a time; the table then starts again
+        empty. (For a source that was in key order only at first: extsort.Sorter.)"""
+        assert self._env is not None and self._tmp is not None
+        with self._env.begin() as txn:
+            records = txn.cursor().iternext()
+            while chunk := list(islice(records, BATCH)):
+                yield [k for k, _ in chunk], [v for _, v in chunk]
+        yield self._keys, self._values
+        self._env.close()
+        self._env = None
+        os.ftruncate(self._fd, 0)
+        self.written, self._commits, self._keys, self._values = 0, 0, [], []
+        with self._errors():
+            self._open()
+
+    def publish(self, info: Callable[[int], BuildInfo]) -> int:
+        """Write the rest and the build record INFO(count), make the file durable and rename
+        it onto the target; the number of records."""
+        assert self._tmp is not None
+        tmp = self._tmp
+        with self._errors():
+            if self._keys:
+                self._commit_batch(0, len(self._keys))
+            env = self._env
+            assert env is not None
+            # Not appended: wherever META_KEY sorts, a plain put finds its place.
+            _commit(env, lambda txn: txn.put(META_KEY, info(self.written).encode()))
+            env.sync(True)
+            env.close()
+            self._env = None
+            os.fsync(self._fd)
+            # Created 0600; the server's user must be able to read it.
+            os.fchmod(self._fd, _publish_mode(self._path))
+            os.replace(tmp, self._path)
+            self._tmp = None
+            _fsync_directory(self._path.parent)  # make the rename itself durable
+        return self.written
+
+    def _open(self, map_size: int | None = None) -> None:
+        assert self._tmp is not None
+        # Postfix's own layout (postfix-maps.md 4.1): one file, no lock file.
+        self._env = lmdb.open(
+            str(self._tmp),
+            subdir=False,
+            lock=False,
+            map_size=map_size or self._map_size,
+            sync=False,
+            metasync=False,
+        )
+
+    def _commit_batch(self, start: int, end: int) -> None:
+        assert self._env is not None
+        _append(self._env, self._keys[start:end], self._values[start:end])
+        self.written += end - start
+        self._commits += 1
+        if self._commits % _REOPEN_EVERY == 0:
+            # Each transaction reads the B-tree's right edge through LMDB's map, and
+            # the kernel maps 16 pages around each such fault: without this, the
+            # map's resident pages grew with the table (390 MiB RSS at 50M lines).
+            map_size = self._env.info()["map_size"]
+            self._env.close()
+            self._open(map_size)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """OSError and lmdb.Error as _Failed naming the target; a full disk as ENOSPC."""
         try:
-            fd = os.open(tmp, _CREATE_FLAGS, 0o600)
-        except FileExistsError:
-            ours = False  # someone else's file, however unlikely: leave it alone
-            raise
-        try:
-            _write_lmdb(tmp, records, info.encode(), map_size or _estimate_map_size(records))
+            yield
+        except OSError as exc:
+            raise _Failed(f"{self.target}: {exc.strerror or exc}") from exc
         except lmdb.Error as exc:
             # LMDB reports a short write on a full disk as EIO. Look while the
             # temporary still holds the space: once it is removed, it is free again.
-            if _nearly_full(fd):
-                raise OSError(errno.ENOSPC, f"No space left on device ({exc})") from exc
+            if self._fd >= 0 and _nearly_full(self._fd):
+                raise _Failed(f"{self.target}: No space left on device ({exc})") from exc
+            raise _Failed(f"{self.target}: {exc}") from exc
+
+
+_MAX_SYMLINKS = 40  # Linux's limit on links followed in one lookup (path_resolution(7))
+
+
+def published_path(target: Path) -> Path:
+    """The file a build of TARGET replaces: TARGET, or where its chain of symbolic links ends.
+
+    postmap opens its output through a link, so the link stays and the served file
+    changes; a rename onto the link itself would replace the link instead. Each
+    link's text is taken relative to the link's own directory. The end of the
+    chain need not exist (a dangling link: the table is created there). Raises
+    OSError(ELOOP) after _MAX_SYMLINKS links, as open(2) does.
+    """
+    path = target
+    for _ in range(_MAX_SYMLINKS):
+        try:
+            text = os.readlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return path  # nothing there yet: created by the rename
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return path  # not a link
             raise
-        os.fsync(fd)
-        os.fchmod(fd, mode)  # created 0600; the server user must be able to read it
-        os.replace(tmp, target)
-        published = True
-        _fsync_directory(target.parent)  # make the rename itself durable
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if ours and not published:
-            tmp.unlink(missing_ok=True)
+        path = path.parent / text  # an absolute text replaces the whole path
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(target))
 
 
 def _remove_stale_temporaries(target: Path) -> None:
@@ -205,28 +455,17 @@ def _publish_mode(target: Path) -> int:
         return 0o644 & ~umask
 
 
-def _estimate_map_size(records: Records) -> int:
-    keys, values = (
-        (records.keys, records.values)
-        if isinstance(records, bulk.KeyOrdered)
-        else (records.keys(), records.values())
-    )
-    payload = sum(map(len, keys)) + sum(map(len, values))
-    return max(_MIN_MAP_SIZE, 2 * (payload + _RECORD_OVERHEAD * len(records)))
+def _estimate_map_size(source_bytes: int | None) -> int:
+    """The initial map size for a source of that many bytes (None: unknown, stdin).
 
-
-def _write_lmdb(path: Path, records: Records, meta: bytes, map_size: int) -> None:
-    # Postfix's own layout (postfix-maps.md 4.1): one file, no lock file.
-    env = lmdb.open(
-        str(path), subdir=False, lock=False, map_size=map_size, sync=False, metasync=False
-    )
-    try:
-        keys, values = _in_key_order(records, meta)
-        for start in range(0, len(keys), BATCH):
-            _append(env, keys[start : start + BATCH], values[start : start + BATCH])
-        env.sync(True)
-    finally:
-        env.close()
+    A record stores about its source line plus a node header, a little more
+    for the shortest lines. A short estimate only costs a doubling (the
+    transaction is redone); a long one nothing, as the file grows only as
+    pages are written (never writemap=True).
+    """
+    if source_bytes is None:
+        return _MIN_MAP_SIZE << 6
+    return max(_MIN_MAP_SIZE, 4 * source_bytes)
 
 
 def _append(env: lmdb.Environment, keys: list[bytes], values: list[bytes]) -> None:
@@ -235,14 +474,23 @@ def _append(env: lmdb.Environment, keys: list[bytes], values: list[bytes]) -> No
     Append mode is fast and packs pages full, but silently skips a key that is
     not greater than the one before it: every record must count as added.
     """
+
+    def append(txn: lmdb.Transaction) -> None:
+        # A zip, not a list of pairs: it reuses one tuple (a third faster).
+        records = zip(keys, values, strict=True)
+        _, added = txn.cursor().putmulti(records, append=True)
+        if added != len(keys):
+            raise RuntimeError(f"LMDB added {added} of {len(keys)} records: keys unsorted")
+
+    _commit(env, append)
+
+
+def _commit(env: lmdb.Environment, change: Callable[[lmdb.Transaction], object]) -> None:
+    """Run CHANGE in a write transaction and commit it, growing the map while it is full."""
     while True:
         try:
             with env.begin(write=True) as txn:
-                # A zip, not a list of pairs: it reuses one tuple (a third faster).
-                records = zip(keys, values, strict=True)
-                _, added = txn.cursor().putmulti(records, append=True)
-                if added != len(keys):
-                    raise RuntimeError(f"LMDB added {added} of {len(keys)} records: keys unsorted")
+                change(txn)
             return
         except lmdb.MapFullError:
             # The transaction was aborted; grow the map as Postfix does, and redo it.
@@ -250,15 +498,6 @@ def _append(env: lmdb.Environment, keys: list[bytes], values: list[bytes]) -> No
             if map_size >= _MAX_MAP_SIZE:
                 raise
             env.set_mapsize(map_size * 2)
-
-
-def _in_key_order(records: Records, meta: bytes) -> tuple[list[bytes], list[bytes]]:
-    """All keys and all values, in key order, the build record first."""
-    # META_KEY starts with NUL; every other key is non-empty and NUL-free: it sorts first.
-    if isinstance(records, bulk.KeyOrdered):
-        return [META_KEY, *records.keys], [meta, *records.values]
-    keys = sorted(records)
-    return [META_KEY, *keys], [meta, *map(records.__getitem__, keys)]
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -306,6 +545,12 @@ def _arg_parser() -> argparse.ArgumentParser:
         help="duplicate keys: the first value wins, silently (postmap -w)",
     )
     parser.add_argument("--check", action="store_true", help="validate only, write nothing")
+    parser.add_argument(
+        "--tmpdir",
+        metavar="DIR",
+        help="where the sort spills its runs, for sources larger than memory "
+        "(default: the output's directory)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary line")
     parser.set_defaults(duplicates="warn")
     return parser
@@ -336,9 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     except _Failed as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # The table is the old one or, if the rename was already done, the new one.
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        phase = f" (while {exc.args[0]})" if exc.args and exc.args[0] in PHASES else ""
+        print(f"{PROG}: interrupted{phase}", file=sys.stderr)
         return 130
     finally:
         _restore_signals(previous)
@@ -384,68 +630,151 @@ def _build(args: argparse.Namespace) -> int:
         raise _Failed(f"{target}: not a file name")
     if not args.check and name != "stdin" and _same_file(args.file, target):
         raise _Failed(f"{target}: is the source file; refusing to overwrite it")
-    syntax, records, errors = _load(_read(args), args, name)
-    if errors:
-        hidden = errors - MAX_REPORTED_ERRORS
+    with _opened(args) as stream, ExitStack() as stack:
+        source_bytes = _size(stream)
+        # The table is written from the start: a source in key order goes
+        # straight into it. Until it is published, it is a temporary file.
+        writer = None
+        if not args.check:
+            writer = stack.enter_context(TableWriter(target, _estimate_map_size(source_bytes)))
+        tmpdir = Path(args.tmpdir) if args.tmpdir else _run_directory(target)
+        sorter = stack.enter_context(
+            closing(extsort.Sorter(tmpdir, run_bytes=_run_bytes(), sink=writer))
+        )
+        enabled = not args.quiet and sys.stderr.isatty()
+        progress = Progress(sys.stderr, enabled=enabled, source_bytes=source_bytes)
+        stack.callback(progress.finish)
+        sorter.on_sort = lambda: progress.start("sorting")
+        report = Reporter(name)
+        report.before_print = progress.finish
+        job = _Job(args, name, sorter, report, progress, writer)
+        try:
+            return _sort_and_write(job, stream)
+        except KeyboardInterrupt as exc:
+            raise KeyboardInterrupt(progress.phase) from exc
+        except OSError as exc:  # the table's own errors are _Failed already
+            if progress.phase == "reading":
+                raise _Failed(f"{name}: {exc.strerror or exc}") from exc
+            raise _Failed(f"{tmpdir}: {exc.strerror or exc} (temporary sort runs)") from exc
+
+
+@dataclass(frozen=True)
+class _Job:
+    args: argparse.Namespace
+    name: str  # the source, as messages name it
+    sorter: extsort.Sorter
+    report: Reporter
+    progress: Progress
+    writer: TableWriter | None  # None: --check
+
+
+def _sort_and_write(job: _Job, stream: BinaryIO) -> int:
+    args, report = job.args, job.report
+    syntax = read_source(
+        stream, job.sorter, report, job.progress, syntax=args.format, fold_keys=args.fold
+    )
+    if report.errors:
+        hidden = report.errors - MAX_REPORTED_ERRORS
         more = f" ({hidden} not shown)" if hidden > 0 else ""
-        lines = "line" if errors == 1 else "lines"
-        print(f"{PROG}: {name}: {errors} bad {lines}{more}; nothing written", file=sys.stderr)
+        lines = "line" if report.errors == 1 else "lines"
+        message = f"{job.name}: {report.errors} bad {lines}{more}; nothing written"
+        print(f"{PROG}: {message}", file=sys.stderr)
         return 1
     how = f"{syntax} syntax, {'folded' if args.fold else 'not folded'}"
-    if args.check:
-        done = f"{name}: {len(records)} records OK ({how})"
+    records = _distinct_batches(job)
+    if job.writer is None:
+        count = sum(len(keys) for keys, _ in records)
+        report.flush()
+        done = f"{job.name}: {count} records OK ({how})"
     else:
-        info = BuildInfo(
-            folded=args.fold,
-            syntax=syntax,
-            records=len(records),
-            source="stdin" if name == "stdin" else os.path.abspath(args.file),
-            built_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        )
-        _publish(target, records, info)
-        done = f"wrote {len(records)} records to {target} ({how})"
+        for keys, values in records:
+            job.writer.append(keys, values)
+
+        def info(count: int) -> BuildInfo:
+            return BuildInfo(
+                folded=args.fold,
+                syntax=syntax,
+                records=count,
+                source="stdin" if job.name == "stdin" else os.path.abspath(args.file),
+                built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            )
+
+        count = job.writer.publish(info)
+        report.flush()
+        done = f"wrote {count} records to {job.writer.target} ({how})"
+    job.progress.finish()
     if not args.quiet:
         print(f"{PROG}: {done}", file=sys.stderr)
     return 0
 
 
-def _read(args: argparse.Namespace) -> bytes:
+def _distinct_batches(job: _Job) -> Iterator[tuple[list[bytes], list[bytes]]]:
+    """The merged records, one per key, for the writer; the progress line follows them.
+
+    The first batch is taken at once: the last run is sorted (and the runs
+    spilled) then, in the "sorting" phase.
+    """
+    merged = job.sorter.merged()
+    first = next(merged, None)
+    job.progress.start("writing", job.sorter.records - job.sorter.sunk)
+    return _counted(chain([first], merged) if first else merged, job)
+
+
+def _counted(
+    merged: Iterator[extsort.Batch], job: _Job
+) -> Iterator[tuple[list[bytes], list[bytes]]]:
+    done = 0
+    for batch in merged:
+        done += len(batch.keys)
+        yield distinct(batch, job.args.duplicates, job.report)
+        job.progress.advance(done)
+
+
+@contextmanager
+def _opened(args: argparse.Namespace) -> Iterator[BinaryIO]:
+    if args.file == "-":
+        yield sys.stdin.buffer
+        return
     try:
-        if args.file == "-":
-            return sys.stdin.buffer.read()
-        with open(args.file, "rb") as stream:
-            return stream.read()
+        stream = open(args.file, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
         raise _Failed(f"{args.file}: {exc.strerror or exc}") from exc
+    with stream:
+        yield stream
 
 
-def _load(data: bytes, args: argparse.Namespace, name: str) -> tuple[sources.Syntax, Records, int]:
-    """The syntax, the records and the number of bad lines."""
-    syntax, items = sources.parse(io.BytesIO(data), args.format)
-    if syntax == "postmap":
-        fast = bulk.postmap_records(data, fold_keys=args.fold)
-        if fast is not None and _all_fit(fast):
-            return syntax, fast, 0
-    table = load(items, name, fold_keys=args.fold, duplicates=args.duplicates)
-    return syntax, table.records, table.errors
-
-
-def _all_fit(records: bulk.KeyOrdered) -> bool:
-    """Whether check_entry passes every record; in C unless a record is near a limit."""
-    keys, values = records.keys, records.values  # stored: with their trailing NUL
-    short_keys = max(map(len, keys), default=0) <= MAX_KEY_BYTES
-    if short_keys and max(map(len, values), default=0) <= _ALWAYS_FITS + 1:
-        return True  # neither is ever empty (KeyOrdered)
-    return all(check_entry(k[:-1], v[:-1]) is None for k, v in zip(keys, values, strict=True))
-
-
-def _publish(target: Path, records: Records, info: BuildInfo) -> None:
+def _size(stream: BinaryIO) -> int | None:
+    """The source's size in bytes if it is a regular file (for the ETA)."""
     try:
-        write_table(target, records, info)
-    except OSError as exc:
-        raise _Failed(f"{target}: {exc.strerror or exc}") from exc
-    except lmdb.Error as exc:  # e.g. "mdb_txn_commit: No space left on device"
-        raise _Failed(f"{target}: {exc}") from exc
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+_RUN_BYTES_ENV = "TCPMAP_BUILD_RUN_BYTES"
+
+
+def _run_bytes() -> int:
+    """The sort's run budget: extsort.RUN_BYTES, or TCPMAP_BUILD_RUN_BYTES (tests, tuning)."""
+    raw = os.environ.get(_RUN_BYTES_ENV)
+    if raw is None:
+        return extsort.RUN_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise _Failed(f"{_RUN_BYTES_ENV}={raw}: not a positive number of bytes")
+    return value
+
+
+def _run_directory(target: Path) -> Path:
+    """Where sort runs are spilled by default: beside the published table."""
+    try:
+        return published_path(target).parent
+    except OSError:
+        return target.parent  # the link loop is reported when the table is written
 
 
 def _nearly_full(fd: int) -> bool:

@@ -1,92 +1,149 @@
-"""The fast path for postmap sources: plain lines split and folded a block at a time.
+"""The fast path for postmap sources: a block of plain lines split and folded at once.
 
 Going line by line through sources.py and build.load costs a few microseconds
 a line, about six times what postmap needs. Most large tables are generated
-files of plain "key value" lines, which bytes methods and list comprehensions
-split much faster (comments and blank lines are simply dropped). Blocks
-with continuation lines, quotes or backslashes still go through sources.py.
+files of plain "key value" lines. For those, a block is split with a few
+bytes methods over the whole block (no Python code runs per line); blocks
+with other whitespace, comments or blank lines are split a line at a time
+with bytes methods; blocks with continuation lines, quotes or backslashes,
+and any block the general path would have something to say about (a bad
+line, a warning), are declined (None) and go through sources.py.
 
-The result is only ever a table the general path would build without a word:
-wherever it would report something (a bad line, a warning, a duplicate key),
-the answer is None and the caller runs the general path, so every message
-and every byte written stay exactly its own.
+Duplicate keys are not this module's business: it returns every entry in
+file order, and the build's merge resolves duplicates (build.py).
 """
 
 from __future__ import annotations
 
-import io
-import operator
 import re
+from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
-from itertools import islice
+from typing import BinaryIO, NamedTuple
 
-from tcpmap_lmdb import sources
-from tcpmap_lmdb.dbformat import fold, stored_key, stored_value
+from tcpmap_lmdb.dbformat import fold
 
-# Bytes per block: small enough that a block's temporary objects reuse memory
-# the previous block freed (fewer page faults: 20% faster than all at once).
-BLOCK = 1 << 17
-# A line that starts a logical line: blocks end only before one.
-_LOGICAL_START = re.compile(rb"\n(?=[^ \t\r\x0b\x0c\n#])")
+# Bytes per block read from the source: small enough that a block's temporary
+# objects reuse memory the previous block freed.
+BLOCK = 1 << 20
 # Lines readllines() treats specially: blank, comment or continuation. (Each
 # pattern starts with a literal: an alternation would be scanned 30x slower.)
 _SPECIAL_LINE = re.compile(rb"\n[ \t\r\x0b\x0c\n#]")
 _CONTINUATION = re.compile(rb"\n[ \t\r\x0b\x0c]")
 _STARTS_SPECIAL = frozenset(b" \t\r\x0b\x0c\n#")
 _STARTS_CONTINUATION = frozenset(b" \t\r\x0b\x0c")
+# A plain line is "KEY SP VALUE LF" and has none of these bytes: other
+# whitespace, quotes and backslashes (they steer postmap.c's split), NUL (an error).
+_NOT_PLAIN = (b"\t", b"\r", b"\x0b", b"\x0c", b'"', b"\\", b"\0")
 
 
-@dataclass(frozen=True)
-class KeyOrdered:
-    """Stored records (trailing NUL, never empty) in strictly increasing key order."""
+class Split(NamedTuple):
+    """A block's entries in file order: stored keys and values (trailing NUL), and
+    each entry's line number counted from 1 at the block's first line."""
 
     keys: list[bytes]
     values: list[bytes]
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def postmap_records(data: bytes, *, fold_keys: bool, block: int = BLOCK) -> KeyOrdered | None:
-    """The records of a postmap source, or None where the general path must build it."""
-    if b"\0" in data:
-        return None  # an error (except in a comment): rare either way
-    keys: list[bytes] = []
-    values: list[bytes] = []
-    for chunk in _blocks(data, block):
-        split = _split(chunk, fold_keys)
-        if split is None:
-            split = _parse(chunk, fold_keys)
-            if split is None:
-                return None
-        keys += split[0]
-        values += split[1]
-    if not _increasing(keys):
-        pairs = sorted(zip(keys, values, strict=True))
-        keys, values = [k for k, _ in pairs], [v for _, v in pairs]
-        if not _increasing(keys):
-            return None  # two keys fold alike: the general path reports it
-    return KeyOrdered(keys, values)
+    lines: array[int]  # typecode "Q"
+    payload: int = -1  # about the bytes of all keys and values, if known without counting
 
 
-def _blocks(data: bytes, size: int) -> Iterator[bytes]:
-    """The data in blocks of whole logical lines, each about size bytes."""
-    start = 0
-    while start < len(data):
-        boundary = _LOGICAL_START.search(data, start + size)
-        end = boundary.end() if boundary else len(data)
-        yield data[start:end]
-        start = end
+def blocks(stream: BinaryIO, size: int = BLOCK) -> Iterator[bytes]:
+    """The stream in blocks of whole logical lines, each about SIZE bytes or more.
 
-
-def _split(chunk: bytes, fold_keys: bool) -> tuple[list[bytes], list[bytes]] | None:
-    """Stored keys and values of a block of one-line entries (comments and blank
-    lines allowed), or None for any other block: sources.py then reads it.
+    A block ends only before a line that starts a logical line (not blank, not a
+    comment, not a continuation), so each block parses on its own: readllines()
+    never joins lines across two blocks.
     """
-    lines = _entry_lines(chunk)
-    if lines is None:
+    pending = b""
+    while True:
+        data = stream.read(size)
+        if not data:
+            if pending:
+                yield pending
+            return
+        pending += data
+        end = _last_logical_start(pending)
+        if end > 0:
+            yield pending[:end]
+            pending = pending[end:]
+
+
+def _last_logical_start(data: bytes) -> int:
+    """Offset of the last line in DATA that starts a logical line and is followed by
+    a byte (so it is known to start one); 0 if there is none."""
+    newline = len(data) - 1
+    while True:
+        newline = data.rfind(b"\n", 0, newline)
+        if newline < 0:
+            return 0
+        if data[newline + 1] not in _STARTS_SPECIAL:
+            return newline + 1
+
+
+def split_block(block: bytes, fold_keys: bool, first_line: int = 1) -> Split | None:
+    """The entries of a block of postmap source that starts at line FIRST_LINE, or
+    None where sources.py must read it."""
+    if not block.endswith(b"\n"):
+        block += b"\n"  # a last line without LF is the same entry
+    split = _split_plain(block, first_line) or _split_lines(block, first_line)
+    if split is None:
         return None
+    if fold_keys:
+        keys = split.keys
+        if block.isascii():
+            keys = list(map(bytes.lower, keys))
+        else:
+            keys = [fold(key[:-1]) + b"\0" for key in keys]
+        split = split._replace(keys=keys)
+    return split
+
+
+def _split_plain(block: bytes, first_line: int) -> Split | None:
+    """Keys and values of a block made only of plain "KEY SP VALUE" lines; else None.
+
+    Each LF becomes NUL LF LF and each space NUL LF: one split on LF then gives
+    KEY NUL, VALUE NUL and an empty string for every line, in C. Any line with
+    no space or more than one breaks that rhythm, and is caught by the count and
+    the empty strings' places; empty keys or values by their length.
+    """
+    if not _maybe_plain(block):
+        return None
+    parts = block.replace(b"\n", b"\0\n\n").replace(b" ", b"\0\n").split(b"\n")
+    count = block.count(b"\n")
+    if len(parts) != 3 * count + 1 or any(parts[2::3]):
+        return None
+    keys, values = parts[0:-1:3], parts[1::3]
+    if min(map(len, keys)) < 2 or min(map(len, values)) < 2:
+        return None  # an empty key (a leading space) or value (a trailing space)
+    # Each space and LF became a NUL: the keys and values are as long as the block.
+    return Split(keys, values, array("Q", range(first_line, first_line + count)), len(block))
+
+
+def _maybe_plain(block: bytes) -> bool:
+    """Whether the block may be all plain lines: none of the bytes, line starts or
+    pairs that make a line anything else (what only the split can tell is left to it)."""
+    if any(byte in block for byte in _NOT_PLAIN):
+        return False
+    if block[0] in _STARTS_SPECIAL or (b"#" in block and b"\n#" in block):
+        return False  # blank lines, comments, continuations: _split_lines
+    if b":" in block and b": " in block:
+        return False  # a key ending in ':' : postmap's "is this an alias file?" warning
+    if block.isascii():
+        return True
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _split_lines(block: bytes, first_line: int) -> Split | None:
+    """Keys and values of a block of one-line entries (comments and blank lines
+    allowed) split line by line; None for any other block.
+    """
+    entry_lines = _entry_lines(block, first_line)
+    if entry_lines is None:
+        return None
+    lines, numbers = entry_lines
     # The key ends at the first whitespace and the value is trimmed at both
     # ends, as postmap.c splits a line without quotes or backslashes.
     pairs = [line.split(None, 1) for line in lines]
@@ -94,51 +151,33 @@ def _split(chunk: bytes, fold_keys: bool) -> tuple[list[bytes], list[bytes]] | N
         values = [pair[1].rstrip() + b"\0" for pair in pairs]
     except IndexError:
         return None  # a line without a value
-    if b":" in chunk and any(key.endswith(b":") for key, _ in pairs):
+    if b":" in block and any(key.endswith(b":") for key, _ in pairs):
         return None  # postmap's "is this an alias file?" warning
-    if not fold_keys:
-        keys = [pair[0] + b"\0" for pair in pairs]
-    elif chunk.isascii():
-        keys = [pair[0].lower() + b"\0" for pair in pairs]
-    else:
-        keys = [fold(pair[0]) + b"\0" for pair in pairs]
-    return keys, values
+    keys = [pair[0] + b"\0" for pair in pairs]
+    return Split(keys, values, numbers)
 
 
-def _entry_lines(chunk: bytes) -> list[bytes] | None:
-    """The block's lines that are entries, if each is a whole entry in UTF-8 that
-    bytes.split() splits as postmap.c does; None otherwise.
+def _entry_lines(block: bytes, first_line: int) -> tuple[list[bytes], array[int]] | None:
+    """The block's lines that are entries, and their line numbers, if each is a whole
+    entry in UTF-8 that bytes.split() splits as postmap.c does; None otherwise.
     """
-    lines = chunk.split(b"\n")
-    if chunk.endswith(b"\n"):
-        lines.pop()
-    text = chunk
-    if chunk[0] in _STARTS_SPECIAL or _SPECIAL_LINE.search(chunk):
-        if chunk[0] in _STARTS_CONTINUATION or _CONTINUATION.search(chunk):
+    lines = block.split(b"\n")
+    lines.pop()  # the block ends with LF
+    numbers = array("Q", range(first_line, first_line + len(lines)))
+    text = block
+    if block[0] in _STARTS_SPECIAL or _SPECIAL_LINE.search(block):
+        if block[0] in _STARTS_CONTINUATION or _CONTINUATION.search(block):
             return None  # continuation lines make one entry of several lines
         # readllines() skips blank lines and comments (which need not be UTF-8)
-        lines = [line for line in lines if line and not line.startswith(b"#")]
+        kept = [i for i, line in enumerate(lines) if line and not line.startswith(b"#")]
+        lines = [lines[i] for i in kept]
+        numbers = array("Q", [first_line + i for i in kept])
         text = b"\n".join(lines)
-    if b'"' in text or b"\\" in text:
-        return None  # quotes and backslashes change postmap.c's split
+    if b'"' in text or b"\\" in text or b"\0" in text:
+        return None  # quotes and backslashes change postmap.c's split; NUL is an error
     if not text.isascii():
         try:
             text.decode("utf-8")
         except UnicodeDecodeError:
             return None
-    return lines
-
-
-def _parse(chunk: bytes, fold_keys: bool) -> tuple[list[bytes], list[bytes]] | None:
-    """Stored keys and values of a block as sources.py reads it; None on any problem."""
-    keys, values = [], []
-    for item in sources.parse(io.BytesIO(chunk), "postmap")[1]:
-        if isinstance(item, sources.Problem):
-            return None
-        keys.append(stored_key(fold(item.key) if fold_keys else item.key))
-        values.append(stored_value(item.value))
-    return keys, values
-
-
-def _increasing(keys: list[bytes]) -> bool:
-    return all(map(operator.lt, keys, islice(keys, 1, None)))
+    return lines, numbers

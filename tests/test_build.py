@@ -501,14 +501,90 @@ def test_interrupt_while_writing_leaves_previous_table(
     assert records(db) == {b"old": b"value"}
 
 
+# --- an output that is a symbolic link ------------------------------------------------------
+
+
+def published_through(link: Path, target: Path, text: str) -> None:
+    """Build text into LINK; the link is kept and TARGET gets the table, as a new file."""
+    before = os.readlink(link)
+    old_inode = target.stat().st_ino if target.exists() else None
+    assert run("-q", "-o", link, source(link.parent, text, "src")) == 0
+    assert os.readlink(link) == before, "the link itself must stay as it was"
+    assert target.is_file() and not target.is_symlink()
+    assert records(target) == {b"new": b"value"}
+    assert target.stat().st_ino != old_inode  # renamed into place, not written in place
+    for directory in {link.parent, target.parent}:
+        assert [p.name for p in directory.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_symlinked_output_relative(tmp_path: Path) -> None:
+    """-o LINK, LINK -> virtual.lmdb (relative): the table behind the link is replaced."""
+    target = tmp_path / "virtual.lmdb"
+    assert run("-q", "-o", target, source(tmp_path, "old value\n")) == 0
+    (tmp_path / "link.lmdb").symlink_to("virtual.lmdb")
+    published_through(tmp_path / "link.lmdb", target, "new value\n")
+
+
+def test_symlinked_output_absolute_on_another_filesystem(tmp_path: Path) -> None:
+    """LINK -> /abs/path on another filesystem: the temporary file is made beside the
+    target (a rename from the link's directory would fail with EXDEV), and its mode kept."""
+    shm = Path("/dev/shm")  # noqa: S108 (only a private TemporaryDirectory is made in it)
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        why = "needs /dev/shm on a filesystem other than the test's tmp_path"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true, and the test {why}")
+        pytest.skip(why)
+    with tempfile.TemporaryDirectory(dir=shm) as served:
+        target = Path(served) / "virtual.lmdb"
+        assert run("-q", "-o", target, source(tmp_path, "old value\n")) == 0
+        target.chmod(0o640)
+        (tmp_path / "link.lmdb").symlink_to(target)
+        published_through(tmp_path / "link.lmdb", target, "new value\n")
+        assert target.stat().st_mode & 0o777 == 0o640
+
+
+def test_symlinked_output_chain(tmp_path: Path) -> None:
+    """LINK -> sub/hop -> ../real/virtual.lmdb: every link is followed, each relative to its
+    own directory, and the table at the end of the chain is replaced."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "virtual.lmdb"
+    assert run("-q", "-o", target, source(tmp_path, "old value\n")) == 0
+    (tmp_path / "sub" / "hop").symlink_to("../real/virtual.lmdb")
+    (tmp_path / "link.lmdb").symlink_to("sub/hop")
+    published_through(tmp_path / "link.lmdb", target, "new value\n")
+    assert os.readlink(tmp_path / "sub" / "hop") == "../real/virtual.lmdb"
+
+
+def test_symlinked_output_dangling(tmp_path: Path) -> None:
+    """A dangling LINK: the table is created where it points, as postmap does; the link stays."""
+    (tmp_path / "link.lmdb").symlink_to("virtual.lmdb")
+    published_through(tmp_path / "link.lmdb", tmp_path / "virtual.lmdb", "new value\n")
+
+
+def test_symlinked_output_loop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A link loop is one line naming the output, exit 1; nothing is written."""
+    link = tmp_path / "link.lmdb"
+    link.symlink_to("other.lmdb")
+    (tmp_path / "other.lmdb").symlink_to("link.lmdb")
+    src = source(tmp_path, "new value\n")
+    before = snapshot(tmp_path)
+    assert run("-o", link, src) == 1
+    assert capsys.readouterr().err == f"tcpmap-build: {link}: Too many levels of symbolic links\n"
+    assert snapshot(tmp_path) == before
+    assert os.readlink(link) == "other.lmdb"
+
+
 # --- the LMDB writer ------------------------------------------------------------------------
 
 
 def test_map_grows_when_full(tmp_path: Path) -> None:
     """Starting from a map far too small, the writer doubles it until everything fits."""
-    table = {stored_key(b"key%05d" % i): stored_value(b"v" * 300) for i in range(2000)}
+    keys = [stored_key(b"key%05d" % i) for i in range(2000)]
+    batches = [(keys[:700], [stored_value(b"v" * 300)] * 700), (keys[700:], [b"w\0"] * 1300)]
     info = BuildInfo(folded=True, syntax="postmap", records=2000, source="test", built_at="now")
-    build.write_table(tmp_path / "t.lmdb", table, info, map_size=64 * 1024)
+    written = build.write_table(tmp_path / "t.lmdb", batches, lambda n: info, map_size=64 * 1024)
+    assert written == 2000
     assert len(records(tmp_path / "t.lmdb")) == 2000
     assert build_info(tmp_path / "t.lmdb") == info
 

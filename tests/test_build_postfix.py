@@ -6,7 +6,9 @@ source tcpmap-build stores exactly the records postmap/postalias store.
 
 from __future__ import annotations
 
+import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -242,6 +244,26 @@ def test_same_records_as_postfix(
     got = raw_items(Path(f"{ours}.lmdb"))
     got.pop(META_KEY)
     assert got == expected
+
+
+@pytest.mark.parametrize("tool", ["postmap", "tcpmap-build"])
+def test_output_link_is_written_through(tmp_path: Path, config: Path, tool: str) -> None:
+    """TABLE.lmdb a link to the served file: postmap keeps the link and replaces what it
+    points at; tcpmap-build does the same (so a server of the served file sees the change)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    make = build_ours if tool == "tcpmap-build" else build_theirs_postmap(config)
+    make(served, "virtual", b"old value\n")
+    (tmp_path / "table.lmdb").symlink_to("served/virtual.lmdb")
+    make(tmp_path, "table", b"new value\n")
+    assert os.readlink(tmp_path / "table.lmdb") == "served/virtual.lmdb"
+    got = raw_items(served / "virtual.lmdb")
+    got.pop(META_KEY, None)
+    assert got == {b"new\x00": b"value\x00"}
+
+
+def build_theirs_postmap(config: Path) -> Callable[[Path, str, bytes], Path]:
+    return lambda directory, name, text: build_theirs(config, directory, name, text, "postmap")
 
 
 # --- random lines: the parsers against the real tools -------------------------------

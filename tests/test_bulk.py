@@ -1,8 +1,8 @@
-"""The fast path (bulk.py) against the general path (sources.py + build.load) on the same bytes.
+"""The fast path (bulk.py) against the general path (sources.py + build.checked_entries).
 
-The fast path may decline any input (None); when it answers, its records must
-be the general path's, byte for byte, and the general path must have had
-nothing to say about the input.
+The fast path may decline any block (None); when it answers, its entries must
+be the general path's, byte for byte and line for line, and the general path
+must have had nothing to say about the block.
 """
 
 from __future__ import annotations
@@ -23,24 +23,32 @@ from tcpmap_lmdb import build, bulk, sources
 from tcpmap_lmdb.dbformat import META_KEY, BuildInfo
 
 
-def general(data: bytes, fold_keys: bool) -> tuple[dict[bytes, bytes], int, str]:
-    """The general path's records, bad line count and messages."""
+def general(block: bytes, fold_keys: bool, first_line: int) -> tuple[bulk.Split, int, str]:
+    """The general path's entries for a block, its bad line count and messages."""
     messages = io.StringIO()
+    report = build.Reporter("src")
     with contextlib.redirect_stderr(messages):
-        _, items = sources.parse(io.BytesIO(data), "postmap")
-        table = build.load(items, "src", fold_keys=fold_keys)
-    return table.records, table.errors, messages.getvalue()
+        items = sources.parse(io.BytesIO(block), "postmap")[1]
+        split = build.checked_entries(items, report, fold_keys=fold_keys, first_line=first_line)
+    return split, report.errors, messages.getvalue()
 
 
-def fast(data: bytes, fold_keys: bool, block: int = bulk.BLOCK) -> dict[bytes, bytes] | None:
-    """The fast path's records, checked to agree with the general path's, or None."""
-    got = bulk.postmap_records(data, fold_keys=fold_keys, block=block)
-    if got is None:
-        return None
-    assert got.keys == sorted(set(got.keys)), "keys must be strictly increasing"
-    records = dict(zip(got.keys, got.values, strict=True))
-    assert general(data, fold_keys) == (records, 0, "")
-    return records
+def fast(data: bytes, fold_keys: bool, block: int = bulk.BLOCK) -> list[bulk.Split | None]:
+    """The fast path's answer for each block of DATA, checked against the general path's:
+    the same entries and line numbers, and nothing the general path would have said."""
+    answers = []
+    first_line = 1
+    for chunk in bulk.blocks(io.BytesIO(data), block):
+        got = bulk.split_block(chunk, fold_keys, first_line)
+        if got is not None:
+            split, errors, messages = general(chunk, fold_keys, first_line)
+            assert (split[:3], errors, messages) == (got[:3], 0, "")
+            if got.payload >= 0 and chunk.isascii():
+                assert got.payload == sum(map(len, got.keys)) + sum(map(len, got.values))
+        answers.append(got)
+        first_line += chunk.count(b"\n")
+    assert b"".join(bulk.blocks(io.BytesIO(data), block)) == data
+    return answers
 
 
 # Each is taken by the fast path, some of it in blocks sources.py parses.
@@ -56,23 +64,27 @@ TAKEN = {
     "colon in value": "a Subject: x\n",
     "utf-8": "Straße 1\nÄBC 2\nİx 3\n",
     "comment": "# header\na 1\n#\nb 2\n",
+    "blank lines": "\na 1\n\nb 2\n",
     "non-utf-8 comment": b"# caf\xe9\na 1\n",
-    "blank lines": "\na 1\n\n  \nb 2\n",
+    "empty": "",
+    "comments only": "# nothing\n",
+    "duplicate": "a 1\nb 2\na 3\n",  # duplicates are resolved by the merge
+    "duplicate after folding": "A 1\na 2\n",
+    "duplicate by full case folding": "Straße 1\nSTRASSE 2\n",
+}
+
+# Each is good input that only sources.py parses (the fast path declines a block of it).
+PARSED = {
+    "whitespace-only line": "\na 1\n\n  \nb 2\n",
     "continuation": "a 1\n  and more\n\tmore\nb 2\n",
     "comment inside continuation": "a 1\n# c\n  more\n",
     "quoted key": '"a b" 1\nc 2\n',
     "backslash key": "a\\ b 1\n",
     "quote in value": 'a "x"\n',
-    "empty": "",
-    "comments only": "# nothing\n",
 }
 
-# Each makes the general path say something: the fast path leaves it alone.
+# Each makes the general path say something: the fast path leaves its block alone.
 DECLINED = {
-    "duplicate": "a 1\nb 2\na 3\n",
-    "duplicate after folding": "A 1\na 2\n",
-    "duplicate by full case folding": "Straße 1\nSTRASSE 2\n",
-    "duplicate across blocks": "a 1\nc 3\n# x\nA 4\n",
     "no value": "a 1\nb\n",
     "only whitespace after key": "a 1\nb  \t\n",
     "key ends in colon": "a: 1\n",
@@ -88,36 +100,55 @@ DECLINED = {
 @pytest.mark.parametrize("fold_keys", [True, False])
 @pytest.mark.parametrize("text", TAKEN.values(), ids=TAKEN.keys())
 def test_fast_path_takes(text: str | bytes, fold_keys: bool) -> None:
-    """Common inputs, special lines included, take the fast path to the general path's records."""
+    """Common inputs, special lines included, take the fast path to the general path's entries."""
     data = text if isinstance(text, bytes) else text.encode()
     for block in (1, 5, bulk.BLOCK):
-        assert fast(data, fold_keys, block) is not None
-
-
-@pytest.mark.parametrize("text", DECLINED.values(), ids=DECLINED.keys())
-def test_fast_path_declines(text: str | bytes) -> None:
-    """Whatever the general path would report is left to it."""
-    data = text if isinstance(text, bytes) else text.encode()
-    for block in (1, 5, bulk.BLOCK):
-        assert bulk.postmap_records(data, fold_keys=True, block=block) is None
+        assert None not in fast(data, fold_keys, block)
 
 
 @pytest.mark.parametrize(
-    ("text", "split"),
+    "text", [*PARSED.values(), *DECLINED.values()], ids=[*PARSED.keys(), *DECLINED.keys()]
+)
+def test_fast_path_declines(text: str | bytes) -> None:
+    """What only sources.py parses, and whatever the general path would report, is left to it."""
+    data = text if isinstance(text, bytes) else text.encode()
+    assert None in fast(data, fold_keys=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "plain", "split"),
     [
-        (b"# caf\xe9\n\na 1\n#\nb 2\n", True),  # comments and blank lines are skipped in bulk
-        (b"a 1\n  more\n", False),  # a continuation line: sources.py joins it
-        (b'"a b" 1\n', False),  # quotes: sources.py splits the line
+        (b"a 1\nB 2\n", True, True),  # one space per line: split in one go
+        (b"a 1\nb  2\n", False, True),  # two spaces: line by line
+        (b"a\t1\nb 2\n", False, True),  # a tab: line by line
+        (b"a 1\nb 2 3\n", False, True),  # a space in the value: line by line
+        (b"# caf\xe9\n\na 1\n#\nb 2\n", False, True),  # comments, blank lines: line by line
+        (b"a 1\n  more\n", False, False),  # a continuation line: sources.py joins it
+        (b'"a b" 1\n', False, False),  # quotes: sources.py splits the line
     ],
 )
-def test_which_blocks_are_split_in_bulk(text: bytes, split: bool) -> None:
-    """Comments and blank lines keep a block on the fast split; continuations and quotes do not."""
-    assert (bulk._split(text, fold_keys=True) is not None) == split
+def test_which_blocks_are_split_in_bulk(text: bytes, plain: bool, split: bool) -> None:
+    """Plain lines are split all at once; other one-line entries line by line; the rest
+    (continuations, quotes) by sources.py."""
+    assert (bulk._split_plain(text, 1) is not None) == plain
+    assert (bulk._split_lines(text, 1) is not None) == split
 
 
-def test_fold_collision_is_not_a_duplicate_without_folding() -> None:
-    """With -f, A and a are two keys."""
-    assert fast(b"A 1\na 2\n", fold_keys=False) == {b"A\0": b"1\0", b"a\0": b"2\0"}
+def test_blocks_end_before_a_logical_line() -> None:
+    """A block never ends before a continuation or comment line: each parses on its own."""
+    data = b"a 1\n  more\n# c\n\tmore\nb 2\nc 3\n"
+    assert list(bulk.blocks(io.BytesIO(data), 1)) == [
+        b"a 1\n  more\n# c\n\tmore\n",
+        b"b 2\n",
+        b"c 3\n",
+    ]
+
+
+def test_line_numbers_follow_the_blocks() -> None:
+    """Entries carry their line numbers in the file, across blocks and skipped lines."""
+    data = b"a 1\n# c\n\nb 2\nc 3\n"
+    lines = [list(s.lines) for s in fast(data, fold_keys=True, block=1) if s is not None]
+    assert lines == [[1], [4], [5]]
 
 
 # --- random input -------------------------------------------------------------------------
@@ -163,7 +194,7 @@ def build_both(tmp: Path, data: bytes, *options: str) -> None:
         with contextlib.ExitStack() as stack:
             stack.enter_context(contextlib.redirect_stderr(messages))
             if not fast_path:
-                stack.enter_context(mock.patch.object(bulk, "postmap_records", return_value=None))
+                stack.enter_context(mock.patch.object(bulk, "split_block", return_value=None))
             status = build.main(["-o", str(out), *options, str(src)])
         shown = messages.getvalue().replace(str(out), "OUT")
         results.append((status, shown, stored(out) if out.exists() else None))
@@ -188,14 +219,14 @@ LIMITS = {
 }
 
 
-ALL = [*TAKEN, *DECLINED, *LIMITS]
+ALL = [*TAKEN, *PARSED, *DECLINED, *LIMITS]
 
 
 @pytest.mark.parametrize("options", [(), ("-f",), ("-r",), ("-w",), ("--check",)])
 @pytest.mark.parametrize(
     "text",
-    [*TAKEN.values(), *DECLINED.values(), *LIMITS.values()],
-    ids=[*TAKEN, *DECLINED, *LIMITS],
+    [*TAKEN.values(), *PARSED.values(), *DECLINED.values(), *LIMITS.values()],
+    ids=[*TAKEN, *PARSED, *DECLINED, *LIMITS],
 )
 def test_builds_agree(tmp_path: Path, text: str | bytes, options: tuple[str, ...]) -> None:
     """tcpmap-build says and stores the same with the fast path as without it."""

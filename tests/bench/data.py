@@ -51,6 +51,25 @@ def write_requests(path: Path, records: int) -> None:
     path.write_text("\n".join(keys) + "\n", encoding="ascii")
 
 
+def build_source(directory: Path, records: int, order: str) -> Path:
+    """A postmap source of RECORDS `key value` lines in key order ("sorted") or in a
+    random order ("shuffled"), for the build bench; cached in DIRECTORY."""
+    path = directory / f"build-{records}-{order}-{RECIPE}"
+    if path.exists():
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"bench: writing {records:,} {order} lines to {path}", flush=True)
+    numbers = list(range(records))
+    if order == "shuffled":
+        random.Random(SEED).shuffle(numbers)  # noqa: S311 - reproducible test data
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", encoding="ascii") as out:
+        for start in range(0, records, _CHUNK):
+            out.writelines(f"{key(i)} {value(i)}\n" for i in numbers[start : start + _CHUNK])
+    partial.rename(path)
+    return path
+
+
 class DataSet:
     """The files for one table size, under DIR/SIZE/."""
 

@@ -12,7 +12,6 @@ import argparse
 import os
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import procs, report
-from .data import DataSet
+from .data import DataSet, build_source
 from .procs import Run, Server
 
 HERE = Path(__file__).resolve().parent
@@ -57,6 +56,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--scale-keys", type=int, default=10_000_000, help="large table size")
     parser.add_argument("--cold-runs", type=int, default=7, help="socket-activated starts")
     parser.add_argument(
+        "--build-sizes",
+        default="2000000,10000000",
+        help="comma-separated source sizes (lines) for the build bench",
+    )
+    parser.add_argument(
         "--only",
         default="lookups,scale,build,memory,cold,snapshot",
         help="comma-separated subset of lookups,scale,build,memory,cold,snapshot",
@@ -85,7 +89,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         args.repeats, args.seconds, args.warmup, args.cold_runs = 1, 1.0, 0.5, 3
         args.only = args.only.replace("scale", "")
+    if args.quick:
+        args.build_sizes = "200000"
     args.connections = [int(c) for c in args.connections.split(",")]
+    args.build_sizes = [int(n) for n in args.build_sizes.split(",")]
     args.only = set(filter(None, args.only.split(",")))
     return args
 
@@ -203,32 +210,43 @@ class Bench:
     # --- build -------------------------------------------------------------------------
 
     def build(self) -> None:
-        with tempfile.TemporaryDirectory(prefix="tcpmap-bench-") as tmp:
+        """tcpmap-build against postmap lmdb: on the same files, in key order and shuffled:
+        records/s and peak RSS (/usr/bin/time's %M)."""
+        for records in self.args.build_sizes:
+            for order in ("shuffled", "sorted"):
+                self.build_case(records, order)
+
+    def build_case(self, records: int, order: str) -> None:
+        source_file = build_source(self.args.data / "build", records, order)
+        with tempfile.TemporaryDirectory(prefix="tcpmap-bench-", dir=self.args.data) as tmp:
             work = Path(tmp)
             (work / "main.cf").write_text(POSTFIX_MAIN_CF)
             source = work / "source"
-            shutil.copyfile(self.small.source, source)  # postmap writes SOURCE.lmdb beside it
+            os.link(source_file, source)  # postmap writes SOURCE.lmdb beside it
             ours = work / "ours.lmdb"
             tools: dict[str, tuple[list[str], Path]] = {
                 "tcpmap-build": (
                     [str(PROJECT_BIN / "tcpmap-build"), "-q", "-o", str(ours), str(source)],
                     ours,
                 ),
-                "postmap": (
-                    ["postmap", "-c", str(work), f"lmdb:{source}"],
-                    work / "source.lmdb",
-                ),
+                "postmap": (["postmap", "-c", str(work), f"lmdb:{source}"], work / "source.lmdb"),
             }
+            repeats = self.args.repeats if records <= 2_000_000 else 1
             procs.wait_for_quiet(0.1, 60)
-            for repeat in range(self.args.repeats):
+            for repeat in range(repeats):
                 names = list(tools) if repeat % 2 == 0 else list(reversed(tools))
                 for name in names:
                     argv, output = tools[name]
                     output.unlink(missing_ok=True)
-                    seconds = timed_run(argv, limit=600)
-                    self.results.builds.setdefault(name, []).append(self.small.records / seconds)
-                    rate = self.small.records / seconds
-                    print(f"  {name:12s} {seconds:.2f} s: {rate:,.0f} records/s", flush=True)
+                    seconds, peak_kib = timed_run(argv, limit=3600)
+                    rate = records / seconds
+                    case = (records, order, name)
+                    self.results.builds.setdefault(case, []).append((rate, peak_kib / 1024))
+                    print(
+                        f"  {name:12s} {records:,} {order}: {seconds:.2f} s, {rate:,.0f} "
+                        f"records/s, peak RSS {peak_kib / 1024:.0f} MiB",
+                        flush=True,
+                    )
 
     # --- memory ------------------------------------------------------------------------
 
@@ -340,21 +358,24 @@ class Bench:
             print(f"  first reply after {millis:.1f} ms", flush=True)
 
 
-def timed_run(argv: list[str], limit: float) -> float:
-    """Seconds ARGV took to exit 0. A blocking wait: subprocess.run(timeout=)
-    polls with sleeps of up to 50 ms, which rounds a sub-second build."""
-    began = time.monotonic()
-    proc = subprocess.Popen(argv)
-    killer = threading.Timer(limit, proc.kill)
-    killer.start()
-    try:
-        code = proc.wait()
-    finally:
-        killer.cancel()
-    seconds = time.monotonic() - began
-    if code != 0:
-        raise subprocess.CalledProcessError(code, argv)
-    return seconds
+def timed_run(argv: list[str], limit: float) -> tuple[float, int]:
+    """Seconds ARGV took to exit 0, and its peak RSS in KiB. A blocking wait:
+    subprocess.run(timeout=) polls with sleeps of up to 50 ms, which rounds a
+    sub-second build. The peak comes from /usr/bin/time's %M: a child of this
+    (large) process would count this process's memory too, from before its exec."""
+    with tempfile.NamedTemporaryFile("r", prefix="tcpmap-bench-time-") as peak:
+        began = time.monotonic()
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", peak.name, *argv])
+        killer = threading.Timer(limit, proc.kill)
+        killer.start()
+        try:
+            code = proc.wait()
+        finally:
+            killer.cancel()
+        seconds = time.monotonic() - began
+        if code != 0:
+            raise subprocess.CalledProcessError(code, argv)
+        return seconds, int(peak.read().split()[-1])
 
 
 def free_port() -> int:
