@@ -40,6 +40,7 @@ from tcpmap_lmdb.dbformat import (
     stored_key,
     stored_value,
 )
+from tcpmap_lmdb.postfix import installed_alias_names
 
 PROG = "tcpmap-build"
 MAX_REPORTED_ERRORS = 100  # print this many bad lines, then only count them
@@ -287,6 +288,13 @@ def _arg_parser() -> argparse.ArgumentParser:
         help="source syntax (default: auto, detected from the first entry)",
     )
     parser.add_argument(
+        "--alias-names",
+        choices=("auto", "internal", "external"),
+        default="auto",
+        help="aliases syntax: store quoted names unquoted (internal, postalias 3.11 and "
+        "earlier) or quoted (external, 3.12 on); default: auto, as the installed postalias",
+    )
+    parser.add_argument(
         "-f", dest="fold", action="store_false", help="do not fold keys to lowercase (postmap -f)"
     )
     # Without -r or -w a duplicate key is reported and its first value kept (like postmap).
@@ -421,7 +429,11 @@ def _read(args: argparse.Namespace) -> bytes:
 
 def _load(data: bytes, args: argparse.Namespace, name: str) -> tuple[sources.Syntax, Records, int]:
     """The syntax, the records and the number of bad lines."""
-    syntax, items = sources.parse(io.BytesIO(data), args.format)
+    names = installed_alias_names if args.alias_names == "auto" else args.alias_names
+    try:
+        syntax, items = sources.parse(io.BytesIO(data), args.format, names)
+    except ValueError as exc:  # from postconf: which form the installed postalias stores
+        raise _Failed(f"--alias-names auto: {exc}") from exc
     if syntax == "postmap":
         fast = bulk.postmap_records(data, fold_keys=args.fold)
         if fast is not None and _all_fit(fast):
