@@ -44,12 +44,17 @@ def setting(unit: Path, key: str) -> list[str]:
     return [v for k, _, v in (line.partition("=") for line in unit_lines(unit)) if k == key]
 
 
-def exec_start(source: Path, build: Path) -> list[str]:
-    """The service's ExecStart= for the instance of SOURCE, as systemd expands it."""
+def exec_start(source: Path, build: Path, escape_path: bool = True) -> list[str]:
+    """The service's ExecStart= for the instance of SOURCE, as systemd expands it.
+
+    %I is the unescaped instance: SOURCE without its leading / for an instance
+    made by `systemd-escape --path`, SOURCE itself for one made without --path.
+    """
     (command,) = setting(SERVICE_UNIT, "ExecStart")
+    instance = str(source).removeprefix("/") if escape_path else str(source)
     argv = []
     for word in shlex.split(command):
-        expanded = word.replace("%f", str(source)).replace("%%", "%").replace("$$", "$")
+        expanded = word.replace("%I", instance).replace("%%", "%").replace("$$", "$")
         argv.append(expanded.replace(INSTALLED_BUILD, str(build)))
     return argv
 
@@ -64,9 +69,11 @@ def tcpmap_build(tmp_path: Path) -> Path:
     return script
 
 
-def run_service(source: Path, build: Path, options: str = "") -> subprocess.CompletedProcess[str]:
+def run_service(
+    source: Path, build: Path, options: str = "", escape_path: bool = True
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        exec_start(source, build),
+        exec_start(source, build, escape_path),
         env={**os.environ, "TCPMAP_BUILD_OPTIONS": options, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
@@ -82,12 +89,15 @@ def test_units_verify_clean(tmp_path: Path) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail("systemd-analyze missing: apt-get install systemd", pytrace=False)
         pytest.skip("systemd-analyze missing: apt-get install systemd")
-    instance = "tcpmap-build@etc-postfix-virtual"
+    # Instances named by `systemd-escape --path /etc/postfix/virtual`, and without --path.
+    instances = ("tcpmap-build@etc-postfix-virtual", "tcpmap-build@-etc-postfix-virtual")
     for unit in (PATH_UNIT, SERVICE_UNIT):
         shutil.copy(unit, tmp_path / unit.name)
-        (tmp_path / f"{instance}{unit.suffix}").symlink_to(unit.name)
+        for instance in instances:
+            (tmp_path / f"{instance}{unit.suffix}").symlink_to(unit.name)
+    names = [f"{instance}{suffix}" for instance in instances for suffix in (".path", ".service")]
     result = subprocess.run(
-        [tool, "verify", "--man=no", f"{instance}.path", f"{instance}.service"],
+        [tool, "verify", "--man=no", *names],
         capture_output=True,
         text=True,
         timeout=60,
@@ -100,7 +110,7 @@ def test_units_verify_clean(tmp_path: Path) -> None:
 
 
 def test_path_unit_watches_the_instance_path() -> None:
-    assert setting(PATH_UNIT, "PathChanged") == ["%f"]
+    assert setting(PATH_UNIT, "PathChanged") == ["/%I"]
     assert setting(PATH_UNIT, "WantedBy") == ["paths.target"]
     assert setting(SERVICE_UNIT, "Type") == ["oneshot"]
 
@@ -123,12 +133,13 @@ def test_options_set_the_output(tmp_path: Path, tcpmap_build: Path) -> None:
     assert not (tmp_path / "virtual.lmdb").exists()
 
 
+@pytest.mark.parametrize("escape_path", [True, False], ids=["--path", "no --path"])
 def test_a_bad_source_fails_with_file_and_line_and_writes_nothing(
-    tmp_path: Path, tcpmap_build: Path
+    tmp_path: Path, tcpmap_build: Path, escape_path: bool
 ) -> None:
     source = tmp_path / "virtual"
     source.write_text("a@example.com b@example.net\nbroken\n")
-    done = run_service(source, tcpmap_build)
+    done = run_service(source, tcpmap_build, escape_path=escape_path)
     assert done.returncode == 1
     assert f"{source}:2:" in done.stderr
     assert not (tmp_path / "virtual.lmdb").exists()

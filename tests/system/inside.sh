@@ -240,7 +240,7 @@ check "systemctl restart started a new process" restarted "$before"
 # --- tables that rebuild themselves: tcpmap-build@.path ----------------------------
 
 SRC=/etc/postfix/virtual
-INSTANCE=$(systemd-escape --path "$SRC")
+INSTANCE=$(systemd-escape "$SRC") # as the issue writes it; the access table below uses --path
 BUILD=tcpmap-build@$INSTANCE
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
