@@ -127,6 +127,9 @@ queue_run_delay = 300s
 minimal_backoff_time = 300s
 maximal_backoff_time = 600s
 delay_warning_time = 0
+# No notices to the postmaster (a failed lookup is a "resource" problem): they would
+# join the queue the tests count, and this instance delivers nothing beyond localhost.
+notify_classes =
 """
         )
         (self.config / "master.cf").write_text(

@@ -175,27 +175,31 @@ def test_outages_defer_and_nothing_bounces(
     mta.send([f"info@{DOMAIN}"], stopped)
     (entry,) = mta.wait_deferred(1)
     assert entry["queue_name"] == "deferred"
+
+    # 2. The server starts without its table: it answers 400, mail waits.
+    table.unlink()
     server = ServerProcess(table, ("--listen", f"127.0.0.1:{port}"))
     started.append(server)
-    mta.flush()
-    mta.wait_delivered("alice", stopped)
-    mta.wait_queue_empty()
-
-    # 2. The server runs, its table is missing: it answers 400, mail waits.
-    table.unlink()
     missing = new_id()
     mta.send([f"info@{DOMAIN}"], missing)
-    mta.wait_deferred(1)
+    mta.wait_deferred(2)
+    server.wait_for_log(f"table unavailable: {re.escape(str(table))} is missing")  # it answered
     build(source, VIRTUAL, table)
     mta.flush()
+    mta.wait_delivered("alice", stopped)
     mta.wait_delivered("alice", missing)
     mta.wait_queue_empty()
 
     # 3. The table is deleted while the server serves it (and Postfix is connected).
+    seen = len(mta.log())
     table.unlink()
     deleted = new_id()
     mta.send([f"team@{DOMAIN}"], deleted)
     mta.wait_deferred(1)
+    # Postfix reached the server, which answered 400 (with it stopped, connects fail).
+    since = mta.log()[seen:]
+    assert f'lookup error for "team@{DOMAIN}"' in since, since
+    assert "Connection refused" not in since, since
     build(source, VIRTUAL, table)
     mta.flush()
     mta.wait_delivered("alice", deleted)
