@@ -18,6 +18,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 SUITES = ("bookworm", "trixie")  # Debian 12 (oldstable), Debian 13 (stable)
@@ -34,6 +35,7 @@ PACKAGES = ",".join(
     )
 )
 CACHE = Path("/var/cache/tcpmap-test")
+STALE_AFTER = 86400.0  # seconds: a tree for another package list is removed after this
 
 
 def debian_mirror(suite: str) -> str:
@@ -80,8 +82,10 @@ def debian_tree(suite: str, timeout: float) -> Path:
         building.rename(tree)  # atomic: an interrupted run leaves no half cache
     finally:
         remove(building)
-    for stale in CACHE.glob(f"{suite}-*"):  # trees for other package lists or mirrors
-        if stale != tree:
+    # Trees for other package lists or mirrors: another checkout (a branch in another
+    # worktree) may be using one right now, so only those built a day ago go.
+    for stale in CACHE.glob(f"{suite}-*"):
+        if stale != tree and time.time() - stale.stat().st_mtime > STALE_AFTER:
             remove(stale)
     return tree
 
