@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXAMPLE := examples/virtual
 EXAMPLE_DB := build/virtual.lmdb
 
-.PHONY: venv run test check test-debian-stack fuzz system-deps clean deb bench
+.PHONY: venv run test check test-debian-stack test-trixie-stack fuzz system-deps clean deb bench
 
 venv: $(VENV)/.installed
 
@@ -26,15 +26,22 @@ check: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# .ci/run runs these same steps one by one, timed: keep the two in step.
 test: venv
 	sh scripts/system-deps.sh test
 	$(MAKE) check
 	$(BIN)/pytest
 	$(MAKE) test-debian-stack
+	$(MAKE) test-trixie-stack
 
 # The suite again on Debian 12's python3-gevent, python3-lmdb, python3-systemd.
 test-debian-stack:
 	sh scripts/test-debian-stack.sh
+
+# The suite again on Debian 13's own stack and Postfix 3.10, in a debootstrapped
+# trixie tree (systemd-nspawn; root).
+test-trixie-stack:
+	sh scripts/test-release-tree.sh trixie
 
 FUZZ_SECONDS ?= 60
 fuzz: venv

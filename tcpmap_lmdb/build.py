@@ -46,6 +46,7 @@ from tcpmap_lmdb.dbformat import (
     stored_key,
     stored_value,
 )
+from tcpmap_lmdb.postfix import AliasNames, installed_alias_names
 from tcpmap_lmdb.progress import Phase, Progress
 
 PROG = "tcpmap-build"
@@ -185,10 +186,12 @@ def read_source(
     *,
     syntax: sources.Syntax | Literal["auto"] = "auto",
     fold_keys: bool = True,
+    alias_names: AliasNames | Callable[[], AliasNames] = "internal",
 ) -> sources.Syntax:
     """Read, split and check every line of STREAM into SORTER; the syntax (detected
     from the first logical line for "auto"). Once a line is bad, nothing more is
-    sorted: the rest is only checked, to report every bad line."""
+    sorted: the rest is only checked, to report every bad line. ALIAS_NAMES: the
+    stored form of quoted aliases(5) names (postfix.py), or what finds it."""
     detected: sources.Syntax | None = None if syntax == "auto" else syntax
     first_line, done = 1, 0
     # Blocks well within a run, so that a run is not much larger than its budget.
@@ -201,7 +204,12 @@ def read_source(
             if split is not None and not _all_fit(split):
                 split = None
         if split is None:
-            items = sources.parse(io.BytesIO(block), detected or "postmap")[1]
+            if detected == "aliases" and callable(alias_names):
+                try:  # once, and only for aliases(5) sources
+                    alias_names = alias_names()
+                except ValueError as exc:  # from postconf: the installed postalias's form
+                    raise _Failed(f"--alias-names auto: {exc}") from exc
+            items = sources.parse(io.BytesIO(block), detected or "postmap", alias_names)[1]
             split = checked_entries(items, report, fold_keys=fold_keys, first_line=first_line)
         if not report.errors:
             sorter.add(*split)
@@ -526,6 +534,13 @@ def _arg_parser() -> argparse.ArgumentParser:
         help="source syntax (default: auto, detected from the first entry)",
     )
     parser.add_argument(
+        "--alias-names",
+        choices=("auto", "internal", "external"),
+        default="auto",
+        help="aliases syntax: store quoted names unquoted (internal, postalias 3.11 and "
+        "earlier) or quoted (external, 3.12 on); default: auto, as the installed postalias",
+    )
+    parser.add_argument(
         "-f", dest="fold", action="store_false", help="do not fold keys to lowercase (postmap -f)"
     )
     # Without -r or -w a duplicate key is reported and its first value kept (like postmap).
@@ -671,7 +686,13 @@ class _Job:
 def _sort_and_write(job: _Job, stream: BinaryIO) -> int:
     args, report = job.args, job.report
     syntax = read_source(
-        stream, job.sorter, report, job.progress, syntax=args.format, fold_keys=args.fold
+        stream,
+        job.sorter,
+        report,
+        job.progress,
+        syntax=args.format,
+        fold_keys=args.fold,
+        alias_names=installed_alias_names if args.alias_names == "auto" else args.alias_names,
     )
     if report.errors:
         hidden = report.errors - MAX_REPORTED_ERRORS

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Container, Iterable, Iterator
+from functools import partial
 from itertools import chain
 from typing import Literal, NamedTuple
+
+from tcpmap_lmdb.postfix import AliasNames
 
 Syntax = Literal["postmap", "aliases"]
 
@@ -232,8 +235,12 @@ def _internalize(tokens: list[_Token]) -> str:
     return "".join(out)
 
 
-def split_alias(text: str) -> tuple[str, str]:
-    """Split one logical line into (name, value) like postalias.c; raises ValueError."""
+def split_alias(text: str, names: AliasNames = "internal") -> tuple[str, str]:
+    """Split one logical line into (name, value) like postalias.c; raises ValueError.
+
+    NAMES is the name's stored form: internal (unquoted, postalias 3.11 and
+    earlier) or external (quoted, 3.12 on); postfix.py.
+    """
     tokens = _scan(text)
     colon = next((i for i, token in enumerate(tokens) if token.kind == ":"), -1)
     name = tokens[:colon]
@@ -241,7 +248,8 @@ def split_alias(text: str) -> tuple[str, str]:
         raise _Reject("need name:value pair")
     if any(t.kind in ("@", "%") for t in name):
         raise _Reject("name must be local")
-    return _internalize(name), _externalize(tokens[colon + 1 :])
+    key = _externalize(name) if names == "external" else _internalize(name)
+    return key, _externalize(tokens[colon + 1 :])
 
 
 # --- detection and the whole file ---------------------------------------------
@@ -266,11 +274,14 @@ _ALIAS_FORMAT_WARNING = 'record is in "key: value" format; is this an alias file
 
 
 def parse(
-    lines: Iterable[bytes], syntax: Syntax | Literal["auto"] = "auto"
+    lines: Iterable[bytes],
+    syntax: Syntax | Literal["auto"] = "auto",
+    alias_names: AliasNames | Callable[[], AliasNames] = "internal",
 ) -> tuple[Syntax, Iterator[Entry | Problem]]:
     """The syntax used (detected from the first logical line for "auto"), and
     every entry and problem of the file, in file order. Nothing stops at the
-    first problem: a caller sees them all.
+    first problem: a caller sees them all. ALIAS_NAMES is the stored form of
+    aliases(5) names, or a function that finds it, called only for aliases.
     """
     items: Iterator[LogicalLine | Problem] = logical_lines(lines)
     if syntax == "auto":
@@ -282,11 +293,16 @@ def parse(
         first = head[-1] if head else None
         syntax = detect_syntax(first.text) if isinstance(first, LogicalLine) else "postmap"
         items = chain(head, items)
-    return syntax, _entries(items, syntax)
-
-
-def _entries(items: Iterable[LogicalLine | Problem], syntax: Syntax) -> Iterator[Entry | Problem]:
     split = _SPLITTERS[syntax]
+    if syntax == "aliases":
+        names = alias_names() if callable(alias_names) else alias_names
+        split = partial(split_alias, names=names)
+    return syntax, _entries(items, syntax, split)
+
+
+def _entries(
+    items: Iterable[LogicalLine | Problem], syntax: Syntax, split: Callable[[str], tuple[str, str]]
+) -> Iterator[Entry | Problem]:
     for item in items:
         if isinstance(item, Problem):
             yield item

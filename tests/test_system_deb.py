@@ -1,35 +1,33 @@
-"""The Debian package, installed, run, upgraded and purged in a booted Debian 12.
+"""The Debian package, installed, run, upgraded and purged in a booted Debian 12 and 13.
 
-The .deb is built twice (this version, and a newer one for the upgrade), a
-debootstrapped Debian 12 tree (cached between runs) is copied, and the copy is
-booted with systemd-nspawn, systemd as PID 1. There tests/system/inside.sh runs
-from a oneshot unit, writes one line per check to results.txt and powers off.
-Needs root, debootstrap and systemd-nspawn. About 20 s with the tree cached; building
-the tree (debootstrap) adds about a minute.
+One .deb serves both releases: it is Architecture: all, pure Python, and its
+Depends (python3-gevent >= 22.10, python3-lmdb >= 1.4, python3-systemd >= 235)
+hold on both. It is built twice (this version, and a newer one for the
+upgrade), once for both releases. For each release a debootstrapped tree
+(tests/debian_tree.py, cached between runs) is copied, and the copy is booted
+with systemd-nspawn, systemd as PID 1. There tests/system/inside.sh runs from a
+oneshot unit, writes one line per check to results.txt and powers off.
+Needs root, debootstrap and systemd-nspawn. About 30 s per release with the
+trees cached; building a tree (debootstrap) adds a few minutes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from debian_tree import SUITES, debian_tree, remove
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = ROOT / "tests" / "system"
-BUDGET = 600.0  # seconds for the whole test: builds, debootstrap, boot and checks
-SUITE = "bookworm"
-# systemd, the package's dependencies and Postfix: the container has no network.
-PACKAGES = (
-    "systemd,systemd-sysv,dbus,python3,python3-gevent,python3-lmdb,python3-systemd,procps,"
-    "postfix,postfix-lmdb,iproute2"
-)
-CACHE = Path("/var/cache/tcpmap-test")
+BUDGET = 900.0  # seconds for one release: debootstrap, boot and checks
+BUILD_BUDGET = 300.0  # seconds for building both .debs
 TEST_DIR = "srv/tcpmap-test"  # in the tree, as inside.sh expects
 UNIT = "tcpmap-system-test.service"
 HOW_TO_ENABLE = (
@@ -85,45 +83,6 @@ def build_debs(out: Path, deadline: Deadline) -> tuple[Path, Path]:
     return debs[0], debs[1]
 
 
-def debian_mirror() -> str:
-    """The Debian mirror this machine's apt uses for SUITE."""
-    fmt = "$(REPO_URI) $(RELEASE)"
-    targets = subprocess.run(
-        ["apt-get", "indextargets", "--format", fmt, "Identifier: Packages"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split("\n")
-    uris = [line.split()[0] for line in targets if line.endswith(f" {SUITE}")]
-    return uris[0] if uris else "http://deb.debian.org/debian"
-
-
-def debian_tree(deadline: Deadline) -> Path:
-    """A minimal Debian tree with PACKAGES, cached outside the checkout, never half built."""
-    mirror = debian_mirror()
-    key = hashlib.sha256(f"{SUITE} {mirror} {PACKAGES}".encode()).hexdigest()[:12]
-    tree = CACHE / f"{SUITE}-{key}"
-    if tree.is_dir():
-        return tree
-    CACHE.mkdir(parents=True, exist_ok=True)
-    building = CACHE / f".{tree.name}.{os.getpid()}"
-    try:
-        debootstrap = ["debootstrap", "--variant=minbase", f"--include={PACKAGES}"]
-        run([*debootstrap, SUITE, str(building), mirror], deadline)
-        building.rename(tree)  # atomic: an interrupted run leaves no half cache
-    finally:
-        remove(building)
-    for stale in CACHE.glob(f"{SUITE}-*"):  # trees for other package lists
-        if stale != tree:
-            remove(stale)
-    return tree
-
-
-def remove(path: Path) -> None:
-    # --one-file-system: never into a /proc or /dev an interrupted debootstrap left mounted.
-    subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True)
-
-
 def prepare(tree: Path, root: Path, previous: Path, current: Path) -> None:
     """A fresh copy of the tree, with the debs, the checks and their unit enabled."""
     subprocess.run(["cp", "-a", str(tree), str(root)], check=True)
@@ -173,21 +132,40 @@ def all_passed(results: str) -> bool:
     )
 
 
-def test_package_installs_runs_upgrades_and_purges(tmp_path: Path) -> None:
-    """Every check of tests/system/inside.sh passes in a booted Debian 12."""
+@pytest.fixture(scope="module")
+def debs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """The previous and the current .deb, built once for every release."""
     require_tools()
+    yield build_debs(tmp_path_factory.mktemp("debs"), Deadline(BUILD_BUDGET))
+
+
+def release_tree(suite: str, deadline: Deadline) -> Path:
+    try:
+        return debian_tree(suite, timeout=deadline.left())
+    except subprocess.CalledProcessError as error:
+        pytest.fail(f"debootstrap {suite} failed:\n{error.stdout}{error.stderr}", pytrace=False)
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_package_installs_runs_upgrades_and_purges(
+    suite: str, debs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Every check of tests/system/inside.sh passes in a booted Debian 12 and Debian 13."""
     deadline = Deadline(BUDGET)
-    previous, current = build_debs(tmp_path / "debs", deadline)
-    tree = debian_tree(deadline)
+    previous, current = debs
+    tree = release_tree(suite, deadline)
     root = tmp_path / "root"
     try:
         prepare(tree, root, previous, current)
         console = boot(root, deadline)
         results_file = root / TEST_DIR / "results.txt"
         results = results_file.read_text() if results_file.exists() else "(no results.txt)"
+        for name in ("versions.txt", "timings.txt"):  # what ran, and how fast (pytest -s)
+            if (root / TEST_DIR / name).exists():
+                print(f"{suite} {name}:\n{(root / TEST_DIR / name).read_text()}")
         if not all_passed(results):
             pytest.fail(
-                f"system test failed:\n{results}\n--- console ---\n{console[-4000:]}\n"
+                f"system test on {suite} failed:\n{results}\n--- console ---\n{console[-4000:]}\n"
                 f"--- journal of the container (tail) ---\n{journal(root)[-30000:]}",
                 pytrace=False,
             )
