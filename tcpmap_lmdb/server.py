@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import logging
 import resource
 import signal
 import socket
+import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from .config import SOCKETMAP, Binding, ServerConfig
 from .dbformat import map_name
 from .listeners import Endpoint, format_address, open_endpoints, remove_socket_files
 from .maps import Maps, UnknownMap
+from .ratelimit import WarningLimiter
 from .responder import Responder, SocketmapResponder
 from .sessions import Session, SocketmapSession, TcpTableSession
 from .systemd import Notifier
@@ -41,8 +45,22 @@ _switch = greenlet.greenlet.switch
 SessionFactory = Callable[[], Session]
 
 
+class CloseReason(enum.StrEnum):
+    """Why the server closed a connection: each one is counted in Server.closed."""
+
+    CLIENT = "client"  # the client hung up (EOF, reset)
+    IDLE = "idle"  # no request answered for --idle-timeout
+    LIMIT = "limit"  # idle longest when every --max-connections slot was wanted
+    ERROR = "error"  # a stream the protocol cannot go on with (framing, wrong protocol)
+    SHUTDOWN = "shutdown"
+
+
 class _Stopping(Exception):
     """Thrown into idle connections when the server shuts down."""
+
+
+class _Evicted(Exception):
+    """Thrown into the connection idle longest when a newcomer needs its slot."""
 
 
 class Server:
@@ -60,11 +78,21 @@ class Server:
             )
             for endpoint in self._endpoints
         ]
-        self._wires: set[_Wire] = set()
+        self._wires: dict[_Wire, _IdleWatch] = {}
         self._stopping = False
         self._stop_requested = gevent.event.Event()
+        self._backlog = _BacklogWatch(self, [endpoint.sock for endpoint in self._endpoints])
+        # Reply bytes that connections could not send at once, all together; over
+        # the budget, no connection reads or answers more until some are sent.
+        self.held = 0
+        self._output_budget = config.output_budget
+        self._room = gevent.event.Event()
+        self._room.set()
+        self.warnings = WarningLimiter()
+        self._summaries: gevent.Greenlet[..., None] | None = None
         self.connections = 0
         self.lookups = 0
+        self.closed: Counter[CloseReason] = Counter()
 
     def start(self) -> None:
         _raise_fd_limit(self._config.max_connections)
@@ -72,6 +100,7 @@ class Server:
             server.start()
             log.info("listening on %s", endpoint.where)
             log.info("%s serves %s (%s)", endpoint.where, endpoint.binding, endpoint.origin)
+        self._summaries = gevent.spawn(self._summarise_warnings)
 
     def request_stop(self) -> None:
         """Safe from a signal handler: the main greenlet does the work."""
@@ -88,12 +117,84 @@ class Server:
         self._stopping = True
         for server in self._servers:
             server.close()
+        self._backlog.close()
         for wire in self._wires:
             if wire.waiting:
                 wire.stop(_Stopping)
         self._pool.join(timeout=self._config.stop_timeout)
         self._pool.kill(timeout=1)
+        if self._summaries is not None:
+            self._summaries.kill()
+        self._log_summaries()
         log.info("stopped after %d lookups", self.lookups)
+
+    # --- warnings about clients ------------------------------------------------
+
+    def warn(self, wire: _Wire, address: object, message: str) -> None:
+        """Log a warning about a client, unless it has had its share (ratelimit.py)."""
+        if self.warnings.allow(_client_key(wire.sock, address)):
+            peer = format_address(address)
+            log.warning("%s: %s", peer, message, extra={"CLIENT": peer})
+
+    def _summarise_warnings(self) -> None:
+        while True:
+            gevent.sleep(1.0)
+            self._log_summaries()
+
+    def _log_summaries(self) -> None:
+        for client, count in self.warnings.expired():
+            log.warning(
+                "%s: %d more warnings suppressed in %ds",
+                client,
+                count,
+                self.warnings.window,
+                extra={"CLIENT": client},
+            )
+
+    # --- at --max-connections ------------------------------------------------
+
+    def evict_idlest(self) -> bool:
+        """Close the connection idle longest, for a newcomer; False if none can go now.
+
+        Idle means waiting for a request, or for the client to read its replies;
+        its idle time counts from its last answered request (_IdleWatch.last).
+        """
+        waiting = [
+            (watch.last, wire)
+            for wire, watch in self._wires.items()
+            if wire.stoppable and wire.on_client
+        ]
+        if not waiting:
+            return False
+        _, victim = min(waiting, key=lambda pair: pair[0])
+        victim.stoppable = False  # one eviction each
+        victim.stop(_Evicted)
+        return True
+
+    @property
+    def full(self) -> bool:
+        return bool(self._pool.full()) and not self._stopping
+
+    # --- output held for slow readers ----------------------------------------
+
+    def hold(self, size: int) -> None:
+        self.held += size
+        if self.held >= self._output_budget:
+            self._room.clear()
+
+    def release(self, size: int) -> None:
+        self.held -= size
+        if self.held < self._output_budget:
+            self._room.set()
+
+    def _wait_for_room(self, watch: _IdleWatch) -> None:
+        """Read nothing more until the replies held by all connections fit the budget."""
+        while self.held >= self._output_budget:
+            try:
+                self._room.wait()
+            except _IdleTimeout as exc:
+                if watch.expired(exc):
+                    raise
 
     # --- one connection -----------------------------------------------------
 
@@ -104,34 +205,51 @@ class Server:
         session = new_session()
         wire = _Wire(socket.socket(fileno=gsock.detach()))
         watch = _IdleWatch(self._config.idle_timeout)
-        self._wires.add(wire)
+        self._wires[wire] = watch
+        if self._pool.full():
+            self._backlog.start()  # a newcomer will close the connection idle longest
+        reason = CloseReason.CLIENT
         try:
-            while not self._stopping:
-                try:
-                    data = wire.receive()
-                except _IdleTimeout as exc:
-                    if watch.expired(exc):
-                        raise
-                    continue  # not idle after all: the watch is re-armed, read on
-                except _Stopping:
-                    break
-                if not data or not self._serve(wire, address, session, data, watch):
-                    return
-            # Shutting down: answer requests that already arrived, then close.
-            pending = wire.pending()
-            if pending:
-                self._serve(wire, address, session, pending, watch)
+            reason = self._converse(wire, address, session, watch)
         except _IdleTimeout:  # silent, or not reading its replies
+            reason = CloseReason.IDLE
             log.debug("%s: idle for %ss, closing", format_address(address), watch.idle)
+        except _Evicted:
+            reason = CloseReason.LIMIT
+            log.debug("%s: idle longest at --max-connections, closing", format_address(address))
         except OSError as exc:
             log.debug("%s: %s", format_address(address), exc)
         except _Stopping:
-            pass  # the kill landed while a reply was being sent: the connection just closes
+            reason = CloseReason.SHUTDOWN  # the kill landed while a reply was being sent
         finally:
-            self._wires.discard(wire)
+            del self._wires[wire]
             watch.close()
             wire.close()
             self.connections -= 1
+            self.closed[reason] += 1
+
+    def _converse(
+        self, wire: _Wire, address: object, session: Session, watch: _IdleWatch
+    ) -> CloseReason:
+        """Read and answer until the client hangs up, errs, or the server stops."""
+        while not self._stopping:
+            try:
+                data = wire.receive()
+            except _IdleTimeout as exc:
+                if watch.expired(exc):
+                    raise
+                continue  # not idle after all: the watch is re-armed, read on
+            except _Stopping:
+                break
+            if not data:
+                return CloseReason.CLIENT
+            if not self._serve(wire, address, session, data, watch):
+                return CloseReason.ERROR
+        # Shutting down: answer requests that already arrived, then close.
+        pending = wire.pending()
+        if pending:
+            self._serve(wire, address, session, pending, watch)
+        return CloseReason.SHUTDOWN
 
     def _serve(
         self,
@@ -141,17 +259,23 @@ class Server:
         data: bytes,
         watch: _IdleWatch,
     ) -> bool:
-        """Answer every complete request in DATA; False if the connection must close."""
+        """Answer every complete request in DATA; False if the connection must close.
+
+        Each output is sent before the session answers more, so what one
+        connection holds is one output (sessions.OUTPUT_LIMIT); and nothing is
+        answered while the replies held by all of them are over the budget.
+        """
         answered = 0
         close = None
         for replies, requests, close in session.receive(data):
             answered += requests
             if replies:
-                _send_all(wire, replies, watch)
+                _send_all(wire, replies, watch, self)
             if close is not None:
-                peer = format_address(address)
-                log.warning("%s: %s, closing", peer, close, extra={"CLIENT": peer})
+                self.warn(wire, address, f"{close}, closing")
                 break
+            if self.held >= self._output_budget:
+                self._wait_for_room(watch)
         if answered:
             self.lookups += answered
             watch.last = time.monotonic()  # the idle clock restarts
@@ -185,13 +309,25 @@ class _Wire:
     idle Timeout, a stop), resumes the greenlet from that wait.
     """
 
-    __slots__ = ("_greenlet", "_hub", "_read", "_resume", "_write", "sock", "waiting")
+    __slots__ = (
+        "_greenlet",
+        "_hub",
+        "_read",
+        "_resume",
+        "_write",
+        "sending",
+        "sock",
+        "stoppable",
+        "waiting",
+    )
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         hub = gevent.get_hub()
         self.sock = sock
         self.waiting = False  # waiting for the next request (Server.stop ends that)
+        self.sending = False  # waiting for the client to read its replies
+        self.stoppable = True  # not yet chosen to make room
         self._hub = hub
         self._read = hub.loop.io(sock.fileno(), 1)
         self._write = hub.loop.io(sock.fileno(), 2)
@@ -220,13 +356,22 @@ class _Wire:
             except BlockingIOError:
                 continue
 
-    def send(self, data: bytes | memoryview) -> int:
+    def send(self, data: bytes | bytearray | memoryview) -> int:
         """Send what fits now, waiting only when nothing does."""
         while True:
             try:
                 return self.sock.send(data)
             except BlockingIOError:
-                self._wait(self._write)
+                self.sending = True
+                try:
+                    self._wait(self._write)
+                finally:
+                    self.sending = False
+
+    @property
+    def on_client(self) -> bool:
+        """Waiting on its client, to send a request or to read replies."""
+        return self.waiting or self.sending
 
     def stop(self, exception: type[BaseException]) -> None:
         """Raise EXCEPTION in the connection's greenlet (soon, from the hub)."""
@@ -235,14 +380,11 @@ class _Wire:
         greenlet.kill(exception, block=False)
 
     def pending(self) -> bytes:
-        """What the client has already sent, without waiting for more."""
-        chunks = []
+        """What the client has already sent (one read's worth), without waiting for more."""
         try:
-            while chunk := self.sock.recv(RECV_SIZE):
-                chunks.append(chunk)
+            return self.sock.recv(RECV_SIZE)
         except OSError:
-            pass
-        return b"".join(chunks)
+            return b""
 
     def close(self) -> None:
         self._read.close()
@@ -295,17 +437,90 @@ class _IdleWatch:
         self._timer.close()
 
 
-def _send_all(wire: _Wire, data: bytes, watch: _IdleWatch) -> None:
-    """sendall() that survives the idle watch firing while a busy client reads slowly."""
-    rest: bytes | memoryview = data  # a memoryview only once a send falls short
-    while rest:
-        try:
-            sent = wire.send(rest)
-        except _IdleTimeout as exc:
-            if watch.expired(exc):
-                raise
-            continue  # nothing was sent by the interrupted call: send it again
-        rest = memoryview(rest)[sent:] if sent < len(rest) else b""
+def _send_all(wire: _Wire, data: bytes | bytearray, watch: _IdleWatch, server: Server) -> None:
+    """sendall() that survives the idle watch firing while a busy client reads slowly.
+
+    What does not go at once is counted in SERVER.held until it is sent.
+    """
+    sent = wire.send(data)
+    if sent == len(data):  # the usual case: the reply fits the socket buffer
+        return
+    rest = memoryview(data)[sent:]
+    held = len(rest)
+    server.hold(held)
+    try:
+        while rest:
+            try:
+                sent = wire.send(rest)
+            except _IdleTimeout as exc:
+                if watch.expired(exc):
+                    raise
+                continue  # nothing was sent by the interrupted call: send it again
+            rest = rest[sent:]
+    finally:
+        server.release(held)
+
+
+class _BacklogWatch:
+    """At --max-connections, watches the listening sockets for a connection waiting.
+
+    StreamServer stops accepting while its pool is full, so a newcomer would
+    wait in the listen queue until some connection closed on its own (up to
+    --idle-timeout). Instead, as soon as a listening socket is readable while
+    the pool is full, the connection idle longest is closed; its slot frees,
+    StreamServer accepts again, and the newcomer is served. One eviction per
+    newcomer: the watch stops, and the next full pool starts it again.
+    """
+
+    RETRY = 0.1  # seconds: every connection busy, none can go yet; look again
+
+    def __init__(self, server: Server, socks: list[gevent.socket.socket]) -> None:
+        self._server = server
+        loop = gevent.get_hub().loop
+        self._watchers = [loop.io(sock.fileno(), 1) for sock in socks]
+        self._timer: Any = None
+        self._active = False
+
+    def start(self) -> None:
+        if self._active or self._server._stopping:
+            return
+        self._active = True
+        for watcher in self._watchers:
+            watcher.start(self._waiting)
+
+    def _stop(self) -> None:
+        self._active = False
+        for watcher in self._watchers:
+            watcher.stop()
+
+    def _waiting(self) -> None:
+        """Runs in the hub: a connection is waiting in a listen queue."""
+        self._stop()
+        if not self._server.full:
+            return  # a slot is free: StreamServer accepts it itself
+        if not self._server.evict_idlest():
+            self._timer = gevent.get_hub().loop.timer(self.RETRY)
+            self._timer.start(self.start)
+
+    def close(self) -> None:
+        self._stop()
+        for watcher in self._watchers:
+            watcher.close()
+        if self._timer is not None:
+            self._timer.close()
+
+
+def _client_key(sock: socket.socket, address: object) -> str:
+    """Who a client is, for the warning budget: its IP address without the port, or
+    for a unix socket the peer's uid (SO_PEERCRED)."""
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return "unix socket"
+    _, uid, _ = struct.unpack("3i", creds)
+    return f"unix socket, uid {uid}"
 
 
 def session_factory(binding: Binding, maps: Maps, config: ServerConfig) -> SessionFactory:
