@@ -34,6 +34,8 @@ class Endpoint:
 
     @property
     def where(self) -> str:
+        if self.created is not None:  # bound at a private name, then linked here (bind_unix)
+            return format_address(str(self.created))
         return format_address(self.sock.getsockname())
 
 

@@ -85,6 +85,14 @@ class TcpTableSession:
         return protocol.over_long(line)
 
 
+# What a client of the other protocol is told before the hang-up.
+TO_SOCKETMAP_CLIENT = socketmap.permanent("this is a tcp_table listener: use tcp:HOST:PORT")
+TO_OTHER_CLIENT = protocol.temporary("not a tcp_table request")
+TO_TCP_TABLE_CLIENT = protocol.temporary(
+    "this is a socketmap listener: use socketmap:inet:HOST:PORT:NAME"
+)
+
+
 def _tcp_table_refusal(exc: Exception) -> bytes:
     """The reply before hanging up on a client that does not speak tcp_table.
 
@@ -92,9 +100,7 @@ def _tcp_table_refusal(exc: Exception) -> bytes:
     reason ("socketmap server permanent error: ..."); anything else gets a 400.
     """
     assert isinstance(exc, protocol.WrongProtocol)
-    if exc.first[:1].isdigit():
-        return socketmap.permanent("this is a tcp_table listener: use tcp:HOST:PORT")
-    return protocol.temporary("not a tcp_table request")
+    return TO_SOCKETMAP_CLIENT if exc.first[:1].isdigit() else TO_OTHER_CLIENT
 
 
 class SocketmapSession:
@@ -127,6 +133,6 @@ def _socketmap_refusal(exc: Exception) -> bytes:
     """Nothing after a framing error; a tcp_table client is told in its own protocol
     (a 400 line, which Postfix's client takes as a temporary error at once, instead of
     reconnecting ten times)."""
-    if isinstance(exc, socketmap.WrongProtocol):
-        return protocol.temporary("this is a socketmap listener: use socketmap:inet:HOST:PORT:NAME")
+    if isinstance(exc, socketmap.WrongProtocol) and exc.tcp_table:
+        return TO_TCP_TABLE_CLIENT
     return b""

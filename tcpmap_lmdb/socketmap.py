@@ -24,7 +24,7 @@ MAX_REPLY = 100_000
 # MAX_REQUEST bytes, and answered NOTFOUND.
 MAX_REQUEST = 255 + 1 + MAX_LOOKUP_KEY
 # Postfix accepts leading zeros; so do we, within reason. Any length fits in this.
-_MAX_DIGITS = 20
+MAX_DIGITS = 20
 # The most bytes one reply netstring takes: "100000:" + payload + ",".
 MAX_REPLY_BYTES = len(str(MAX_REPLY)) + 1 + MAX_REPLY + 1
 
@@ -43,10 +43,20 @@ class WrongProtocol(NetstringError):
         super().__init__(wrong_protocol(first))
         self.first = first
 
+    @property
+    def tcp_table(self) -> bool:
+        """Whether the client looks like a tcp_table one: its first bytes begin "get "."""
+        return looks_like_tcp_table(self.first)
+
+
+def looks_like_tcp_table(first: bytes) -> bool:
+    """Whether FIRST, a stream's first bytes, can begin tcp_table(5)'s "get SP key"."""
+    return b"get ".startswith(first) or first.startswith(b"get ")
+
 
 def wrong_protocol(first: bytes) -> str:
     """What the first bytes of a connection that are not a netstring suggest."""
-    if b"get ".startswith(first) or first.startswith(b"get "):  # tcp_table(5): "get SP key"
+    if looks_like_tcp_table(first):
         return "this looks like a tcp_table client on a socketmap listener"
     return f"not a socketmap client: {first!r} cannot start a netstring"
 
@@ -104,7 +114,7 @@ class NetstringBuffer:
         held, else None: what a client that waits for each reply sends."""
         if self._state != _LENGTH or self._digits or not self._started:
             return None
-        colon = data.find(b":", 0, _MAX_DIGITS + 1)
+        colon = data.find(b":", 0, MAX_DIGITS + 1)
         if colon <= 0 or data[-1:] != b"," or not data[:colon].isdigit():
             return None
         length = len(data) - colon - 2
@@ -119,7 +129,7 @@ class NetstringBuffer:
         netstring (WrongProtocol if it is the stream's first). Iterate to the
         end before the next call.
         """
-        if not self._started:
+        if not self._started and data:
             if not data[:1].isdigit():
                 raise WrongProtocol(data[:4])
             self._started = True
@@ -147,15 +157,15 @@ class NetstringBuffer:
 
     def _length(self, data: bytes, pos: int) -> int:
         """Read length digits from POS: where the payload starts, or -1 if the ':' is to come."""
-        room = _MAX_DIGITS - len(self._digits)
+        room = MAX_DIGITS - len(self._digits)
         colon = data.find(b":", pos, pos + room + 1)
         digits = data[pos : colon if colon != -1 else pos + room + 1]
         if digits and not digits.isdigit():
             raise NetstringError(f"bad netstring length {bytes(self._digits) + digits!r}")
         self._digits += digits
         if colon == -1:
-            if len(self._digits) > _MAX_DIGITS:
-                raise NetstringError(f"netstring length of over {_MAX_DIGITS} digits")
+            if len(self._digits) > MAX_DIGITS:
+                raise NetstringError(f"netstring length of over {MAX_DIGITS} digits")
             return -1
         if not self._digits:
             raise NetstringError("netstring length missing before ':'")

@@ -187,7 +187,7 @@ def test_a_tcp_table_key_too_long_for_any_table_is_not_found_and_the_connection_
 def test_a_socketmap_key_too_long_for_any_table_is_notfound(server: StartServer, db: Path) -> None:
     """A well-formed netstring with a 200 KB key: NOTFOUND, connection kept; an unknown
     map with such a key is still PERM."""
-    srv, sm = both(server, db)
+    _, sm = both(server, db)
     with SocketmapConn(sm) as conn:
         assert conn.ask(b"virtual", b"k" * 200_000) == (b"NOTFOUND", b"")
         assert conn.ask(b"virtual", b"alice") == (b"OK", b"here")
@@ -255,7 +255,7 @@ def test_a_socketmap_client_on_a_tcp_table_port_gets_an_error_at_once(
     assert result.returncode != 0
     assert took < 1.5, f"postmap took {took:.1f}s"
     assert b"tcp_table" in result.stderr, result.stderr
-    srv.wait_for_log(r"WARNING: .*looks like a socketmap client on a tcp_table listener", since=mark)
+    srv.wait_for_log(r"WARNING: .*looks like a socketmap client on a tcp_table", since=mark)
 
 
 def test_a_tcp_table_client_on_a_socketmap_port_gets_an_error_at_once(
@@ -268,7 +268,7 @@ def test_a_tcp_table_client_on_a_socketmap_port_gets_an_error_at_once(
     result, took = postmap_timed(postfix_dir, "-q", "alice", f"tcp:127.0.0.1:{sm}")
     assert result.returncode != 0
     assert took < 1.5, f"postmap took {took:.1f}s"
-    srv.wait_for_log(r"WARNING: .*looks like a tcp_table client on a socketmap listener", since=mark)
+    srv.wait_for_log(r"WARNING: .*looks like a tcp_table client on a socketmap", since=mark)
     assert len([line for line in srv.logs[mark:] if "WARNING" in line]) == 1
 
 
@@ -300,4 +300,3 @@ def test_a_tcp_table_key_may_start_with_digits(server: StartServer, db: Path) ->
         conn.send(b"12:junk\n")  # later lines are only bad requests: 400, kept
         assert conn.read_line().startswith(b"400 ")
         assert conn.ask("alice") == (200, b"here")
-
