@@ -63,6 +63,11 @@ class _Evicted(Exception):
     """Thrown into the connection idle longest when a newcomer needs its slot."""
 
 
+class _OverBudget(_Evicted):
+    """Thrown into a connection holding replies its client does not read, when all
+    connections together hold more than the output budget."""
+
+
 class Server:
     """Serves the maps on the given endpoints, each with its own protocol."""
 
@@ -82,12 +87,11 @@ class Server:
         self._stopping = False
         self._stop_requested = gevent.event.Event()
         self._backlog = _BacklogWatch(self, [endpoint.sock for endpoint in self._endpoints])
-        # Reply bytes that connections could not send at once, all together; over
-        # the budget, no connection reads or answers more until some are sent.
+        # Reply bytes that connections could not send at once, all together. Over
+        # the budget, the connections that have held theirs longest are closed.
         self.held = 0
         self._output_budget = config.output_budget
-        self._room = gevent.event.Event()
-        self._room.set()
+        self._holders: dict[_Wire, int] = {}  # in the order they began to hold
         self.warnings = WarningLimiter()
         self._summaries: gevent.Greenlet[..., None] | None = None
         self.connections = 0
@@ -177,24 +181,28 @@ class Server:
 
     # --- output held for slow readers ----------------------------------------
 
-    def hold(self, size: int) -> None:
+    def hold(self, wire: _Wire, size: int) -> None:
+        """WIRE could not send SIZE bytes at once: count them until release().
+
+        Over the budget, the connections that have been holding replies longest
+        are closed until this one fits: a client that does not read its replies
+        loses its connection rather than stall the others, and one that reads
+        (Postfix) does not stay on this list long.
+        """
         self.held += size
-        if self.held >= self._output_budget:
-            self._room.clear()
+        self._holders[wire] = size
+        over = self.held - self._output_budget
+        for victim, held in list(self._holders.items()):
+            if over <= 0:
+                break
+            if victim is not wire and victim.stoppable:
+                victim.stoppable = False
+                victim.stop(_OverBudget)
+                over -= held
 
-    def release(self, size: int) -> None:
+    def release(self, wire: _Wire, size: int) -> None:
         self.held -= size
-        if self.held < self._output_budget:
-            self._room.set()
-
-    def _wait_for_room(self, watch: _IdleWatch) -> None:
-        """Read nothing more until the replies held by all connections fit the budget."""
-        while self.held >= self._output_budget:
-            try:
-                self._room.wait()
-            except _IdleTimeout as exc:
-                if watch.expired(exc):
-                    raise
+        del self._holders[wire]
 
     # --- one connection -----------------------------------------------------
 
@@ -216,7 +224,9 @@ class Server:
             log.debug("%s: idle for %ss, closing", format_address(address), watch.idle)
         except _Evicted:
             reason = CloseReason.LIMIT
-            log.debug("%s: idle longest at --max-connections, closing", format_address(address))
+            log.debug(
+                "%s: closed to make room (a connection or memory limit)", format_address(address)
+            )
         except OSError as exc:
             log.debug("%s: %s", format_address(address), exc)
         except _Stopping:
@@ -262,8 +272,8 @@ class Server:
         """Answer every complete request in DATA; False if the connection must close.
 
         Each output is sent before the session answers more, so what one
-        connection holds is one output (sessions.OUTPUT_LIMIT); and nothing is
-        answered while the replies held by all of them are over the budget.
+        connection holds is one output (sessions.OUTPUT_LIMIT); all of them
+        together hold about the budget at most (hold()).
         """
         answered = 0
         close = None
@@ -274,8 +284,6 @@ class Server:
             if close is not None:
                 self.warn(wire, address, f"{close}, closing")
                 break
-            if self.held >= self._output_budget:
-                self._wait_for_room(watch)
         if answered:
             self.lookups += answered
             watch.last = time.monotonic()  # the idle clock restarts
@@ -447,7 +455,7 @@ def _send_all(wire: _Wire, data: bytes | bytearray, watch: _IdleWatch, server: S
         return
     rest = memoryview(data)[sent:]
     held = len(rest)
-    server.hold(held)
+    server.hold(wire, held)
     try:
         while rest:
             try:
@@ -458,7 +466,7 @@ def _send_all(wire: _Wire, data: bytes | bytearray, watch: _IdleWatch, server: S
                 continue  # nothing was sent by the interrupted call: send it again
             rest = rest[sent:]
     finally:
-        server.release(held)
+        server.release(wire, held)
 
 
 class _BacklogWatch:

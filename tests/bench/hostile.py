@@ -4,7 +4,7 @@
     .venv/bin/python tests/bench/hostile.py trickling 1 --bytes 100000
     .venv/bin/python tests/bench/hostile.py trickling 1000 --bytes 2000
 
-never-reading: each connection (receive buffer 4 KiB) pipelines 200 socketmap
+idle: each connection sends one request, then nothing. never-reading: each connection (receive buffer 4 KiB) pipelines 4,000 socketmap
 requests for a 99 KB value and never reads. trickling: each connection sends a
 socketmap request of 100,000 bytes one byte per TCP segment (round robin over
 the connections, so the server has read each byte before the next comes),
@@ -58,6 +58,7 @@ def start(source: Path, maps: Path, connections: int) -> tuple[subprocess.Popen[
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        cwd=maps,  # not a checkout: python -c puts the working directory first on sys.path
         env={**os.environ, "PYTHONPATH": str(source)},
     )
     assert proc.stderr is not None
@@ -80,7 +81,7 @@ def connect(port: int, rcvbuf: int | None = None) -> socket.socket:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["never-reading", "trickling"])
+    parser.add_argument("kind", choices=["never-reading", "trickling", "idle"])
     parser.add_argument("connections", type=int)
     parser.add_argument("--bytes", type=int, default=100_000, help="trickled per connection")
     parser.add_argument("--source", type=Path, default=ROOT, help="where tcpmap_lmdb is")
@@ -96,13 +97,20 @@ def main() -> int:
             time.sleep(1.0)  # let the freshly started server settle
             base = peak = rss(proc.pid)
             socks = []
-            if args.kind == "never-reading":
-                request = b"13:virtual huge," * 200
+            if args.kind == "idle":
                 for _ in range(args.connections):
+                    sock = connect(port)
+                    sock.send(b"13:virtual alice,")
+                    socks.append(sock)
+            elif args.kind == "never-reading":
+                request = b"12:virtual huge," * 4000
+                for count in range(args.connections):
                     sock = connect(port, rcvbuf=4096)
                     with contextlib.suppress(BlockingIOError):
                         sock.send(request)
                     socks.append(sock)
+                    if count % 20 == 0:
+                        peak = max(peak, rss(proc.pid))
             else:
                 socks = [connect(port) for _ in range(args.connections)]
                 stream = b"100000:virtual " + b"k" * (100_000 - 15)
