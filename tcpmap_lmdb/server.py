@@ -222,11 +222,13 @@ class Server:
         except _IdleTimeout:  # silent, or not reading its replies
             reason = CloseReason.IDLE
             log.debug("%s: idle for %ss, closing", format_address(address), watch.idle)
+        except _OverBudget:
+            reason = CloseReason.LIMIT
+            budget = self._output_budget >> 20
+            self.warn(wire, address, f"not reading its replies, over the {budget} MiB held for all")
         except _Evicted:
             reason = CloseReason.LIMIT
-            log.debug(
-                "%s: closed to make room (a connection or memory limit)", format_address(address)
-            )
+            log.debug("%s: idle longest at --max-connections, closing", format_address(address))
         except OSError as exc:
             log.debug("%s: %s", format_address(address), exc)
         except _Stopping:
@@ -454,7 +456,7 @@ def _send_all(wire: _Wire, data: bytes | bytearray, watch: _IdleWatch, server: S
     if sent == len(data):  # the usual case: the reply fits the socket buffer
         return
     rest = memoryview(data)[sent:]
-    held = len(rest)
+    held = len(data)  # the whole output stays in memory until the last byte is sent
     server.hold(wire, held)
     try:
         while rest:

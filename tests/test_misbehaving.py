@@ -100,6 +100,39 @@ def test_socketmap_clients_that_never_read_cost_a_bounded_amount_each(
     assert grown < 20 * MiB, f"RSS grew by {grown / MiB:.1f} MiB for 20 clients"
 
 
+def test_never_reading_clients_together_hold_no_more_than_the_budget(
+    server: StartServer, db: Path
+) -> None:
+    """300 such clients would hold 60 MB at 198 KB each: over the 32 MiB budget the ones
+    holding longest are closed (with a warning), RSS grows by less than 60 MiB all told,
+    and a bystander is answered throughout."""
+    srv, sm = both(server, db)
+    bystander = SocketmapConn(sm)
+    assert bystander.ask(b"virtual", b"alice") == (b"OK", b"here")
+    base = peak = rss(srv)
+    mark = srv.mark()
+    request = socketmap.request(b"virtual", b"huge")
+    hogs = []
+    try:
+        for count in range(300):
+            hog = socket.socket()
+            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hog.connect(("127.0.0.1", sm))
+            hog.settimeout(0)
+            with contextlib.suppress(BlockingIOError):
+                hog.send(request * 4000)
+            hogs.append(hog)
+            if count % 10 == 0:
+                peak = max(peak, rss(srv))
+                assert bystander.ask(b"virtual", b"alice") == (b"OK", b"here")
+        srv.wait_for_log(r"WARNING: .*not reading its replies, over the 32 MiB", since=mark)
+        peak = max(peak, rss(srv))
+    finally:
+        for hog in hogs:
+            hog.close()
+    assert peak - base < 60 * MiB, f"RSS grew by {(peak - base) / MiB:.1f} MiB"
+
+
 # --- 2. idle connections and --max-connections ------------------------------------------------
 
 
