@@ -490,9 +490,10 @@ class _BacklogWatch:
         self._watchers = [loop.io(sock.fileno(), 1) for sock in socks]
         self._timer: Any = None
         self._active = False
+        self._closed = False
 
     def start(self) -> None:
-        if self._active or self._server._stopping:
+        if self._active or self._closed:
             return
         self._active = True
         for watcher in self._watchers:
@@ -514,6 +515,7 @@ class _BacklogWatch:
 
     def close(self) -> None:
         self._stop()
+        self._closed = True
         for watcher in self._watchers:
             watcher.close()
         if self._timer is not None:
