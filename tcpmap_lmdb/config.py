@@ -21,7 +21,7 @@ DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_STOP_TIMEOUT = 5.0
 # Reply bytes held for clients that do not read them, all connections together:
 # over it, the server reads and answers nothing more until some are sent. Each
-# connection holds at most sessions.OUTPUT_LIMIT (256 KiB) of its own.
+# connection holds at most sessions.OUTPUT_LIMIT (128 KiB) of its own.
 DEFAULT_OUTPUT_BUDGET = 32 * 1024 * 1024
 
 

@@ -22,7 +22,7 @@ Output = tuple[bytes | bytearray, int, str | None]
 # what a client that pipelines requests and never reads its replies can make
 # the server hold: a batch is closed once it reaches _FLUSH_AT, and one more
 # reply (a socketmap one is at most MAX_REPLY_BYTES) cannot take it past this.
-OUTPUT_LIMIT = 256 * 1024
+OUTPUT_LIMIT = 128 * 1024
 _FLUSH_AT = OUTPUT_LIMIT - socketmap.MAX_REPLY_BYTES
 
 _Request = TypeVar("_Request")

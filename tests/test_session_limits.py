@@ -20,7 +20,7 @@ from tcpmap_lmdb.responder import Responder, SocketmapResponder
 from tcpmap_lmdb.sessions import SocketmapSession, TcpTableSession
 
 HUGE = b"h" * 99_000
-OUTPUT_LIMIT = 256 * 1024  # README, Limits: replies held per connection
+OUTPUT_LIMIT = 128 * 1024  # README, Limits: replies held per connection
 
 
 @pytest.fixture
