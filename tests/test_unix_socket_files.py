@@ -16,6 +16,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from activation import Activated, unix_listener
+from conftest import SocketmapConn, make_table, server_command
 
 from tcpmap_lmdb import listeners
 
@@ -106,3 +108,26 @@ def test_the_socket_file_has_mode_0666_and_nothing_is_left_beside_it(tmp_path: P
         assert sorted(p.name for p in tmp_path.iterdir()) == ["sm.sock"]
     finally:
         sock.close()
+
+
+def test_a_socket_systemd_passes_keeps_its_mode_and_its_file(tmp_path: Path) -> None:
+    """A unix socket from systemd (SocketMode=0600) is served as it is: its mode is not
+    changed, nothing is created beside it, and it is not removed at the end."""
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    make_table(maps / "virtual.lmdb", {"alice": "here"})
+    path = tmp_path / "sm.sock"
+    listener = unix_listener(path)
+    path.chmod(0o600)
+    try:
+        srv = Activated([*server_command("--maps", maps)], [listener], ["socketmap"])
+        try:
+            srv.wait_for_log("inherited socket 'socketmap' from systemd")
+            with SocketmapConn(path) as conn:
+                assert conn.ask(b"virtual", b"alice") == (b"OK", b"here")
+        finally:
+            assert srv.stop() == 0, "\n".join(srv.logs)
+        assert stat.S_IMODE(path.lstat().st_mode) == 0o600
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["maps", "sm.sock"]
+    finally:
+        listener.close()
