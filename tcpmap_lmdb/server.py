@@ -187,22 +187,22 @@ class Server:
         Over the budget, the connections that have been holding replies longest
         are closed until this one fits: a client that does not read its replies
         loses its connection rather than stall the others, and one that reads
-        (Postfix) does not stay on this list long.
+        (Postfix) does not stay on this list long. A connection chosen stops
+        counting at once: it is about to let go, and no one else need go for it.
         """
         self.held += size
         self._holders[wire] = size
-        over = self.held - self._output_budget
         for victim, held in list(self._holders.items()):
-            if over <= 0:
+            if self.held <= self._output_budget:
                 break
             if victim is not wire and victim.stoppable:
                 victim.stoppable = False
                 victim.stop(_OverBudget)
-                over -= held
+                self.release(victim, held)
 
     def release(self, wire: _Wire, size: int) -> None:
-        self.held -= size
-        del self._holders[wire]
+        if self._holders.pop(wire, None) is not None:
+            self.held -= size
 
     # --- one connection -----------------------------------------------------
 
@@ -452,11 +452,16 @@ def _send_all(wire: _Wire, data: bytes | bytearray, watch: _IdleWatch, server: S
 
     What does not go at once is counted in SERVER.held until it is sent.
     """
-    sent = wire.send(data)
+    try:
+        sent = wire.sock.send(data)  # no wait here: a wait must be counted first
+    except BlockingIOError:
+        sent = 0
     if sent == len(data):  # the usual case: the reply fits the socket buffer
         return
     rest = memoryview(data)[sent:]
-    held = len(data)  # the whole output stays in memory until the last byte is sent
+    # The whole output stays in memory until its last byte is sent, and so does
+    # the read it answers (at most RECV_SIZE bytes).
+    held = len(data) + RECV_SIZE
     server.hold(wire, held)
     try:
         while rest:
