@@ -50,7 +50,7 @@ class CloseReason(enum.StrEnum):
 
     CLIENT = "client"  # the client hung up (EOF, reset)
     IDLE = "idle"  # no request answered for --idle-timeout
-    LIMIT = "limit"  # idle longest when every --max-connections slot was wanted
+    LIMIT = "limit"  # made room: idle longest at --max-connections, or over the output budget
     ERROR = "error"  # a stream the protocol cannot go on with (framing, wrong protocol)
     SHUTDOWN = "shutdown"
 
