@@ -4,8 +4,9 @@
     .venv/bin/python tests/bench/hostile.py trickling 1 --bytes 100000
     .venv/bin/python tests/bench/hostile.py trickling 1000 --bytes 2000
 
-idle: each connection sends one request, then nothing. never-reading: each connection (receive buffer 4 KiB) pipelines 4,000 socketmap
-requests for a 99 KB value and never reads. trickling: each connection sends a
+idle: each connection sends one request, then nothing. never-reading: each
+connection (receive buffer 4 KiB) pipelines 4,000 socketmap requests for a
+99 KB value and never reads. trickling: each connection sends a
 socketmap request of 100,000 bytes one byte per TCP segment (round robin over
 the connections, so the server has read each byte before the next comes),
 stopping after --bytes. Prints the server's VmRSS before, at its peak, and the
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
@@ -79,6 +81,44 @@ def connect(port: int, rcvbuf: int | None = None) -> socket.socket:
     return sock
 
 
+class Clients(list[socket.socket]):
+    """The hostile connections, and the server's RSS seen while they were opened."""
+
+    peaks: list[int]
+
+
+def open_clients(args: argparse.Namespace, port: int, sample: Callable[[], int]) -> Clients:
+    """Open ARGS.connections clients of ARGS.kind and do what that kind does."""
+    socks = Clients()
+    socks.peaks = [0]
+    if args.kind == "idle":
+        for _ in range(args.connections):
+            sock = connect(port)
+            sock.send(b"13:virtual alice,")
+            socks.append(sock)
+    elif args.kind == "never-reading":
+        request = b"12:virtual huge," * 4000
+        for count in range(args.connections):
+            sock = connect(port, rcvbuf=4096)
+            with contextlib.suppress(BlockingIOError):
+                sock.send(request)
+            socks.append(sock)
+            if count % 20 == 0:
+                socks.peaks.append(sample())
+    else:
+        socks.extend(connect(port) for _ in range(args.connections))
+        stream = b"100000:virtual " + b"k" * (100_000 - 15)
+        for offset in range(min(args.bytes, len(stream))):
+            for sock in socks:
+                with contextlib.suppress(BlockingIOError):
+                    sock.send(stream[offset : offset + 1])
+            if args.connections == 1:
+                time.sleep(0.00002)  # one byte per segment: let the server read it
+            if offset % 100 == 0:
+                socks.peaks.append(sample())
+    return socks
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=["never-reading", "trickling", "idle"])
@@ -96,32 +136,8 @@ def main() -> int:
         try:
             time.sleep(1.0)  # let the freshly started server settle
             base = peak = rss(proc.pid)
-            socks = []
-            if args.kind == "idle":
-                for _ in range(args.connections):
-                    sock = connect(port)
-                    sock.send(b"13:virtual alice,")
-                    socks.append(sock)
-            elif args.kind == "never-reading":
-                request = b"12:virtual huge," * 4000
-                for count in range(args.connections):
-                    sock = connect(port, rcvbuf=4096)
-                    with contextlib.suppress(BlockingIOError):
-                        sock.send(request)
-                    socks.append(sock)
-                    if count % 20 == 0:
-                        peak = max(peak, rss(proc.pid))
-            else:
-                socks = [connect(port) for _ in range(args.connections)]
-                stream = b"100000:virtual " + b"k" * (100_000 - 15)
-                for offset in range(min(args.bytes, len(stream))):
-                    for sock in socks:
-                        with contextlib.suppress(BlockingIOError):
-                            sock.send(stream[offset : offset + 1])
-                    if args.connections == 1:
-                        time.sleep(0.00002)  # one byte per segment: let the server read it
-                    if offset % 100 == 0:
-                        peak = max(peak, rss(proc.pid))
+            socks = open_clients(args, port, lambda: rss(proc.pid))
+            peak = max(peak, *socks.peaks)
             deadline = time.monotonic() + args.settle
             while time.monotonic() < deadline:
                 peak = max(peak, rss(proc.pid))
