@@ -24,11 +24,11 @@ from tcpmap_lmdb import listeners
 ROUNDS = 20_000  # bind_unix() calls while the attacker runs: a few seconds
 
 # Renames a fresh symlink to TARGET over PATH again and again, and every 20th
-# time removes it (so that the server can bind now and then), as fast as it
-# can, until STOP exists.
+# time removes it for a moment (so that the server can bind now and then), as
+# fast as it can, until STOP exists.
 _ATTACKER = textwrap.dedent(
     """
-    import os, sys
+    import os, sys, time
     path, target, stop = sys.argv[1:]
     spare = path + ".evil"
     print("ready", flush=True)
@@ -43,6 +43,7 @@ _ATTACKER = textwrap.dedent(
             os.rename(spare, path)
             if rounds % 20 == 0:
                 os.unlink(path)
+                time.sleep(0.0002)  # a moment with the path free, so that binds happen
         except OSError:
             pass
     """
