@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,3 +188,16 @@ def format_address(name: object) -> str:
     if isinstance(name, bytes):
         name = name.decode("utf-8", "replace")
     return f"unix:{name}" if name else "unix socket"
+
+
+def client_key(sock: socket.socket, address: object) -> str:
+    """Who a client is, for the warning budget: its IP address without the port, or
+    for a unix socket the peer's uid (SO_PEERCRED)."""
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return "unix socket"
+    _, uid, _ = struct.unpack("3i", creds)
+    return f"unix socket, uid {uid}"

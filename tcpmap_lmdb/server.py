@@ -9,7 +9,6 @@ import logging
 import resource
 import signal
 import socket
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -24,9 +23,10 @@ import greenlet
 from gevent.server import StreamServer
 
 from . import verify
+from .admission import BacklogWatch, OutputBudget
 from .config import SOCKETMAP, Binding, ServerConfig
 from .dbformat import map_name
-from .listeners import Endpoint, format_address, open_endpoints, remove_socket_files
+from .listeners import Endpoint, client_key, format_address, open_endpoints, remove_socket_files
 from .maps import Maps, UnknownMap
 from .ratelimit import WarningLimiter
 from .responder import Responder, SocketmapResponder
@@ -86,12 +86,12 @@ class Server:
         self._wires: dict[_Wire, _IdleWatch] = {}
         self._stopping = False
         self._stop_requested = gevent.event.Event()
-        self._backlog = _BacklogWatch(self, [endpoint.sock for endpoint in self._endpoints])
-        # Reply bytes that connections could not send at once, all together. Over
-        # the budget, the connections that have held theirs longest are closed.
-        self.held = 0
-        self._output_budget = config.output_budget
-        self._holders: dict[_Wire, int] = {}  # in the order they began to hold
+        self._backlog = BacklogWatch(
+            [endpoint.sock for endpoint in self._endpoints],
+            full=lambda: self.full,
+            evict=self.evict_idlest,
+        )
+        self.output = OutputBudget[_Wire](config.output_budget, close=self._close_holder)
         self.warnings = WarningLimiter()
         self._summaries: gevent.Greenlet[..., None] | None = None
         self.connections = 0
@@ -136,7 +136,7 @@ class Server:
 
     def warn(self, wire: _Wire, address: object, message: str) -> None:
         """Log a warning about a client, unless it has had its share (ratelimit.py)."""
-        if self.warnings.allow(_client_key(wire.sock, address)):
+        if self.warnings.allow(client_key(wire.sock, address)):
             peer = format_address(address)
             log.warning("%s: %s", peer, message, extra={"CLIENT": peer})
 
@@ -181,28 +181,14 @@ class Server:
 
     # --- output held for slow readers ----------------------------------------
 
-    def hold(self, wire: _Wire, size: int) -> None:
-        """WIRE could not send SIZE bytes at once: count them until release().
-
-        Over the budget, the connections that have been holding replies longest
-        are closed until this one fits: a client that does not read its replies
-        loses its connection rather than stall the others, and one that reads
-        (Postfix) does not stay on this list long. A connection chosen stops
-        counting at once: it is about to let go, and no one else need go for it.
-        """
-        self.held += size
-        self._holders[wire] = size
-        for victim, held in list(self._holders.items()):
-            if self.held <= self._output_budget:
-                break
-            if victim is not wire and victim.stoppable:
-                victim.stoppable = False
-                victim.stop(_OverBudget)
-                self.release(victim, held)
-
-    def release(self, wire: _Wire, size: int) -> None:
-        if self._holders.pop(wire, None) is not None:
-            self.held -= size
+    @staticmethod
+    def _close_holder(wire: _Wire) -> bool:
+        """Close a connection holding replies, over the output budget (admission.py)."""
+        if not wire.stoppable:
+            return False
+        wire.stoppable = False
+        wire.stop(_OverBudget)
+        return True
 
     # --- one connection -----------------------------------------------------
 
@@ -224,7 +210,7 @@ class Server:
             log.debug("%s: idle for %ss, closing", format_address(address), watch.idle)
         except _OverBudget:
             reason = CloseReason.LIMIT
-            budget = self._output_budget >> 20
+            budget = self.output.budget >> 20
             self.warn(wire, address, f"not reading its replies, over the {budget} MiB held for all")
         except _Evicted:
             reason = CloseReason.LIMIT
@@ -275,7 +261,7 @@ class Server:
 
         Each output is sent before the session answers more, so what one
         connection holds is one output (sessions.OUTPUT_LIMIT); all of them
-        together hold about the budget at most (hold()).
+        together hold about the budget at most (admission.OutputBudget).
         """
         answered = 0
         close = None
@@ -450,7 +436,7 @@ class _IdleWatch:
 def _send_all(wire: _Wire, data: bytes | bytearray, watch: _IdleWatch, server: Server) -> None:
     """sendall() that survives the idle watch firing while a busy client reads slowly.
 
-    What does not go at once is counted in SERVER.held until it is sent.
+    What does not go at once is counted in SERVER.output until it is sent.
     """
     try:
         sent = wire.sock.send(data)  # no wait here: a wait must be counted first
@@ -462,7 +448,7 @@ def _send_all(wire: _Wire, data: bytes | bytearray, watch: _IdleWatch, server: S
     # The whole output stays in memory until its last byte is sent, and so does
     # the read it answers (at most RECV_SIZE bytes).
     held = len(data) + RECV_SIZE
-    server.hold(wire, held)
+    server.output.hold(wire, held)
     try:
         while rest:
             try:
@@ -473,71 +459,7 @@ def _send_all(wire: _Wire, data: bytes | bytearray, watch: _IdleWatch, server: S
                 continue  # nothing was sent by the interrupted call: send it again
             rest = rest[sent:]
     finally:
-        server.release(wire, held)
-
-
-class _BacklogWatch:
-    """At --max-connections, watches the listening sockets for a connection waiting.
-
-    StreamServer stops accepting while its pool is full, so a newcomer would
-    wait in the listen queue until some connection closed on its own (up to
-    --idle-timeout). Instead, as soon as a listening socket is readable while
-    the pool is full, the connection idle longest is closed; its slot frees,
-    StreamServer accepts again, and the newcomer is served. One eviction per
-    newcomer: the watch stops, and the next full pool starts it again.
-    """
-
-    RETRY = 0.1  # seconds: every connection busy, none can go yet; look again
-
-    def __init__(self, server: Server, socks: list[gevent.socket.socket]) -> None:
-        self._server = server
-        loop = gevent.get_hub().loop
-        self._watchers = [loop.io(sock.fileno(), 1) for sock in socks]
-        self._timer: Any = None
-        self._active = False
-        self._closed = False
-
-    def start(self) -> None:
-        if self._active or self._closed:
-            return
-        self._active = True
-        for watcher in self._watchers:
-            watcher.start(self._waiting)
-
-    def _stop(self) -> None:
-        self._active = False
-        for watcher in self._watchers:
-            watcher.stop()
-
-    def _waiting(self) -> None:
-        """Runs in the hub: a connection is waiting in a listen queue."""
-        self._stop()
-        if not self._server.full:
-            return  # a slot is free: StreamServer accepts it itself
-        if not self._server.evict_idlest():
-            self._timer = gevent.get_hub().loop.timer(self.RETRY)
-            self._timer.start(self.start)
-
-    def close(self) -> None:
-        self._stop()
-        self._closed = True
-        for watcher in self._watchers:
-            watcher.close()
-        if self._timer is not None:
-            self._timer.close()
-
-
-def _client_key(sock: socket.socket, address: object) -> str:
-    """Who a client is, for the warning budget: its IP address without the port, or
-    for a unix socket the peer's uid (SO_PEERCRED)."""
-    if isinstance(address, tuple) and address:
-        return str(address[0])
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return "unix socket"
-    _, uid, _ = struct.unpack("3i", creds)
-    return f"unix socket, uid {uid}"
+        server.output.release(wire, held)
 
 
 def session_factory(binding: Binding, maps: Maps, config: ServerConfig) -> SessionFactory:
