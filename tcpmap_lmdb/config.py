@@ -19,6 +19,10 @@ DEFAULT_IDLE_TIMEOUT = 600.0
 DEFAULT_MAX_CONNECTIONS = 1000
 # On SIGTERM, how long requests already read may take to be answered.
 DEFAULT_STOP_TIMEOUT = 5.0
+# Reply bytes held for clients that do not read them, all connections together:
+# over it, the server reads and answers nothing more until some are sent. Each
+# connection holds at most sessions.OUTPUT_LIMIT (128 KiB) of its own.
+DEFAULT_OUTPUT_BUDGET = 32 * 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -140,6 +144,7 @@ class ServerConfig:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
+    output_budget: int = DEFAULT_OUTPUT_BUDGET  # bytes
     fold_keys: bool | None = None  # None: as each table was built
     allow_remote: bool = False
 

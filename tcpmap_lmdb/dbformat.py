@@ -16,6 +16,10 @@ SUFFIX = ".lmdb"
 
 # LMDB's default MDB_MAXKEYSIZE, which includes the trailing NUL Postfix stores.
 MAX_KEY_BYTES = 511
+# Case folding (fold() below) shrinks a key at most threefold: U+212A KELVIN SIGN
+# is 3 bytes of UTF-8 and folds to "k" (checked over every code point). So a
+# lookup key longer than this cannot fold to a key any table can hold.
+MAX_LOOKUP_KEY = 3 * (MAX_KEY_BYTES - 1)
 
 # How the build is recorded. The key starts with NUL, and Postfix looks up a
 # C string KEY as "KEY\0" or "KEY", so no Postfix lookup can ever match it

@@ -7,6 +7,8 @@ import logging
 import os
 import socket
 import stat
+import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,8 @@ class Endpoint:
 
     @property
     def where(self) -> str:
+        if self.created is not None:  # bound at a private name, then linked here (bind_unix)
+            return format_address(str(self.created))
         return format_address(self.sock.getsockname())
 
 
@@ -121,23 +125,51 @@ def bind_inet(address: Address) -> gevent.socket.socket:
 
 
 def bind_unix(path: Path) -> gevent.socket.socket:
-    """A listening unix socket at PATH, replacing a stale socket (never another file)."""
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            if _answers(path):
-                raise OSError(errno.EADDRINUSE, f"{path}: another server is listening there")
-            path.unlink()
-    except FileNotFoundError:
-        pass
+    """A listening unix socket at PATH with mode UNIX_SOCKET_MODE from its creation.
+
+    Anyone who can write PATH's directory could swap a symlink in at PATH, so
+    nothing is ever done to PATH itself once it exists: the socket is bound
+    under a umask that gives its final mode, inside a fresh private directory
+    (mkdtemp, 0700) beside PATH, then hard-linked to PATH, which never follows a
+    symlink and fails if anything is there. A stale socket at PATH (nobody
+    listening) is unlinked first; any other file, a symlink included, is refused.
+    """
+    _remove_stale_socket(path)
+    private = Path(tempfile.mkdtemp(prefix=".tcpmap-", dir=path.parent))
+    staged = private / "s"
     sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(str(path))
-        os.chmod(path, UNIX_SOCKET_MODE)
+        old_umask = os.umask(0o777 & ~UNIX_SOCKET_MODE)  # bind() creates 0777 & ~umask
+        try:
+            sock.bind(str(staged))
+        finally:
+            os.umask(old_umask)
         sock.listen(LISTEN_BACKLOG)
+        try:
+            os.link(staged, path)
+        except FileExistsError:
+            message = f"{path}: something appeared there while binding; not replacing it"
+            raise OSError(errno.EEXIST, message) from None
     except BaseException:
         sock.close()
         raise
+    finally:
+        staged.unlink(missing_ok=True)
+        private.rmdir()
     return sock
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Unlink a socket file at PATH nobody listens on; refuse anything else there."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path}: exists and is not a socket")
+    if _answers(path):
+        raise OSError(errno.EADDRINUSE, f"{path}: another server is listening there")
+    path.unlink()  # unlink() acts on the entry itself, never on a symlink's target
 
 
 def _answers(path: Path) -> bool:
@@ -156,3 +188,16 @@ def format_address(name: object) -> str:
     if isinstance(name, bytes):
         name = name.decode("utf-8", "replace")
     return f"unix:{name}" if name else "unix socket"
+
+
+def client_key(sock: socket.socket, address: object) -> str:
+    """Who a client is, for the warning budget: its IP address without the port, or
+    for a unix socket the peer's uid (SO_PEERCRED)."""
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return "unix socket"
+    _, uid, _ = struct.unpack("3i", creds)
+    return f"unix socket, uid {uid}"

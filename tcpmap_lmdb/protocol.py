@@ -7,13 +7,18 @@ clock or a logger.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import NamedTuple
 
+from .dbformat import MAX_LOOKUP_KEY
+
 MAX_REPLY = 4096  # tcp_table(5): "no longer than 4096 characters including the newline"
-# Longest request line we buffer, LF included. The longest key LMDB can hold is
-# 510 bytes, at most 3 wire bytes each, so a real lookup line is under 1600
-# bytes; Twisted's LineReceiver allows 16384, and so do we.
-MAX_REQUEST = 16384
+# Longest request line kept, LF included: "get ", the longest lookup key that can
+# fold to a key a table holds (dbformat.MAX_LOOKUP_KEY), every byte %XX-quoted,
+# then CR LF. A longer line is discarded as it arrives and answered "not found".
+MAX_REQUEST = len(b"get ") + 3 * MAX_LOOKUP_KEY + 2
+# postfix-maps.md 1.1: Postfix only sends "get SP key"; dict_tcp.c documents put.
+_COMMANDS = (b"get", b"put")
 
 # hex_quote() copies a byte literally iff it is not '%', not whitespace and
 # printable ASCII: that is 0x21-0x24 and 0x26-0x7E. Everything else is %XX,
@@ -30,15 +35,15 @@ class ProtocolError(ValueError):
     """A request the server must answer with 400 (and keeps the connection)."""
 
 
-class LineTooLong(ProtocolError):
-    """A request line over MAX_REQUEST bytes: answer 400, then hang up.
+class WrongProtocol(ValueError):
+    """The first bytes of a connection cannot start a tcp_table request: answer, then close.
 
-    ``lines`` holds the complete lines that arrived before it, to be answered first.
+    ``first`` holds those bytes (at most three), to guess what the client speaks.
     """
 
-    def __init__(self, message: str, lines: list[bytes]) -> None:
-        super().__init__(message)
-        self.lines = lines
+    def __init__(self, first: bytes) -> None:
+        super().__init__(wrong_protocol(first))
+        self.first = first
 
 
 def quote(data: bytes) -> bytes:
@@ -119,41 +124,99 @@ def parse_request(line: bytes) -> Request:
     raise ProtocolError("unknown command")
 
 
-class LineBuffer:
-    """Frames a byte stream into LF-terminated lines of at most MAX_REQUEST bytes."""
+class OverLong(NamedTuple):
+    """A request line longer than MAX_REQUEST: discarded, but for its first bytes."""
 
-    __slots__ = ("_buffer", "_limit")
+    head: bytes  # up to len("get ") bytes: enough to tell the command
+
+
+Line = bytes | OverLong
+
+
+def wrong_protocol(first: bytes) -> str:
+    """What the first bytes of a connection that are not a tcp_table request suggest."""
+    if first[:1].isdigit():  # socketmap_table(5): a netstring starts "LEN:"
+        return "this looks like a socketmap client on a tcp_table listener"
+    return f"not a tcp_table client: {first!r} cannot start a 'get KEY' request"
+
+
+class LineBuffer:
+    """Frames a byte stream into LF-terminated lines of at most ``limit`` bytes, LF included.
+
+    Incremental: only bytes that arrive are searched for LF (what is held never
+    holds one), and an incomplete line is kept in one bytearray, so a line that
+    arrives a byte per read costs about one byte of memory per byte. A longer
+    line is not kept: its bytes are dropped as they come, and it is given as
+    OverLong when its LF arrives. The first bytes of the stream must be those
+    of a request (WrongProtocol otherwise), as soon as they can be judged.
+    """
+
+    __slots__ = ("_buffer", "_limit", "_plain", "_skipping", "_started")
 
     def __init__(self, limit: int = MAX_REQUEST) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
         self._limit = limit
+        self._skipping: bytes | None = None  # the head of an over-long line being dropped
+        self._started = False  # the stream began as a request should
+        self._plain = False  # started, nothing held or dropped: whole_line() may answer
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add received bytes; return the complete lines, without their LF.
+    def lines(self, data: bytes) -> Iterator[Line]:
+        """Add received bytes; yield each complete line, without its LF, in order.
 
-        Raises LineTooLong as soon as a line cannot fit, without buffering
-        more than ``limit`` bytes of it.
+        Raises WrongProtocol before anything else when the stream's first bytes
+        cannot start a request. Iterate to the end before the next call.
         """
-        buffered = self._buffer + data if self._buffer else data
-        lines = buffered.split(b"\n")
-        self._buffer = lines.pop()
-        # Fast path: if everything buffered is short, every line in it is.
-        if len(buffered) >= self._limit:
-            lines.append(self._buffer)
-            for index, line in enumerate(lines):
-                if len(line) >= self._limit:
-                    self._buffer = b""
-                    message = f"request line longer than {self._limit - 1} bytes"
-                    raise LineTooLong(message, lines[:index])
-            lines.pop()
-        return lines
+        if not self._started:
+            self._check_start(data)
+        start = 0
+        if self._skipping is not None or self._buffer:
+            end = data.find(b"\n")
+            if end == -1:
+                self._hold(data, 0)
+                return
+            held, head = self._buffer, self._skipping
+            self._skipping = None
+            if head is None and len(held) + end < self._limit:
+                held += memoryview(data)[:end]
+                line: Line = bytes(held)
+            else:
+                line = OverLong(head if head is not None else bytes((held + data[:4])[:4]))
+            held.clear()
+            yield line
+            start = end + 1
+        find, limit = data.find, self._limit
+        while (end := find(b"\n", start)) != -1:
+            yield data[start:end] if end - start < limit else OverLong(data[start : start + 4])
+            start = end + 1
+        self._hold(data, start)
+
+    def _hold(self, data: bytes, start: int) -> None:
+        """Keep DATA[START:], an incomplete line (or drop it, once it is over-long)."""
+        if self._skipping is None and start < len(data):
+            held = self._buffer
+            if len(held) + len(data) - start < self._limit:
+                held += memoryview(data)[start:]
+            else:
+                self._skipping = bytes((held + data[start : start + 4])[:4])
+                held.clear()
+        self._plain = self._started and not self._buffer and self._skipping is None
+
+    def _check_start(self, data: bytes) -> None:
+        first = bytes((self._buffer + data[:3])[:3])
+        if not any(command.startswith(first) for command in _COMMANDS):
+            raise WrongProtocol(first)
+        self._started = len(first) == 3
+
+    def feed(self, data: bytes) -> list[Line]:
+        """lines(DATA) as a list."""
+        return list(self.lines(data))
 
     def whole_line(self, data: bytes) -> bytes | None:
-        """DATA without its LF if it is exactly one line and nothing is buffered, else None.
+        """DATA without its LF if it is exactly one line and nothing is held, else None.
 
         What a client that waits for each reply sends: no need to split or buffer.
         """
-        if not self._buffer and 0 < len(data) <= self._limit and data.find(b"\n") == len(data) - 1:
+        if self._plain and 0 < len(data) <= self._limit and data.find(b"\n") == len(data) - 1:
             return data[:-1]
         return None
 
@@ -207,6 +270,13 @@ def _truncate(line: bytes) -> bytes:
 NOT_FOUND = reply(500, b"not found")
 READ_ONLY = reply(500, b"put not supported: table is read-only")
 LINE_TOO_LONG = reply(400, b"request line too long")
+
+
+def over_long(line: OverLong) -> bytes:
+    """The reply to a line too long to keep: a key that long is in no table (500)."""
+    return NOT_FOUND if line.head == b"get " else LINE_TOO_LONG
+
+
 # A value stored by other tools that cannot be sent: the mail must wait, not bounce.
 VALUE_TOO_LONG = reply(400, b"value too long for a tcp_table reply")
 

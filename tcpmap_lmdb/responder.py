@@ -85,5 +85,26 @@ class SocketmapResponder:
             return socketmap.NOT_FOUND
         return socketmap.ok(value) or socketmap.VALUE_TOO_LONG
 
+    def answer_any(self, payload: socketmap.Payload) -> bytes:
+        """The reply netstring for a payload, or for one too long to keep whole."""
+        if type(payload) is bytes:
+            return self.answer(payload)
+        assert isinstance(payload, socketmap.OverLong)
+        return self.answer_over_long(payload.head)
+
+    def answer_over_long(self, head: bytes) -> bytes:
+        """NOTFOUND for a known map (no table holds a key that long), PERM for an unknown one.
+
+        HEAD is the first socketmap.MAX_REQUEST bytes, so it holds any map name.
+        """
+        name, sep, _ = head.partition(b" ")
+        if not sep or not name:
+            return socketmap.permanent("bad request: expected 'name key'")
+        try:
+            self._maps.get(name.decode("utf-8", "replace"))
+        except UnknownMap:
+            return socketmap.permanent(f"unknown map {name.decode('utf-8', 'replace')!r}")
+        return socketmap.NOT_FOUND
+
     def answer_all(self, payloads: list[bytes]) -> bytes:
         return b"".join([self.answer(payload) for payload in payloads])

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import logging
 import resource
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,12 @@ import greenlet
 from gevent.server import StreamServer
 
 from . import snapshot
+from .admission import BacklogWatch, OutputBudget
 from .config import SOCKETMAP, Binding, ServerConfig
 from .dbformat import map_name
-from .listeners import Endpoint, format_address, open_endpoints, remove_socket_files
+from .listeners import Endpoint, client_key, format_address, open_endpoints, remove_socket_files
 from .maps import Maps, UnknownMap
+from .ratelimit import WarningLimiter
 from .responder import Responder, SocketmapResponder
 from .sessions import Session, SocketmapSession, TcpTableSession
 from .systemd import Notifier
@@ -41,8 +45,27 @@ _switch = greenlet.greenlet.switch
 SessionFactory = Callable[[], Session]
 
 
+class CloseReason(enum.StrEnum):
+    """Why the server closed a connection: each one is counted in Server.closed."""
+
+    CLIENT = "client"  # the client hung up (EOF, reset)
+    IDLE = "idle"  # no request answered for --idle-timeout
+    LIMIT = "limit"  # made room: idle longest at --max-connections, or over the output budget
+    ERROR = "error"  # a stream the protocol cannot go on with (framing, wrong protocol)
+    SHUTDOWN = "shutdown"
+
+
 class _Stopping(Exception):
     """Thrown into idle connections when the server shuts down."""
+
+
+class _Evicted(Exception):
+    """Thrown into the connection idle longest when a newcomer needs its slot."""
+
+
+class _OverBudget(_Evicted):
+    """Thrown into a connection holding replies its client does not read, when all
+    connections together hold more than the output budget."""
 
 
 class Server:
@@ -60,11 +83,20 @@ class Server:
             )
             for endpoint in self._endpoints
         ]
-        self._wires: set[_Wire] = set()
+        self._wires: dict[_Wire, _IdleWatch] = {}
         self._stopping = False
         self._stop_requested = gevent.event.Event()
+        self._backlog = BacklogWatch(
+            [endpoint.sock for endpoint in self._endpoints],
+            full=lambda: self.full,
+            evict=self.evict_idlest,
+        )
+        self.output = OutputBudget[_Wire](config.output_budget, close=self._close_holder)
+        self.warnings = WarningLimiter()
+        self._summaries: gevent.Greenlet[..., None] | None = None
         self.connections = 0
         self.lookups = 0
+        self.closed: Counter[CloseReason] = Counter()
 
     def start(self) -> None:
         _raise_fd_limit(self._config.max_connections)
@@ -72,6 +104,7 @@ class Server:
             server.start()
             log.info("listening on %s", endpoint.where)
             log.info("%s serves %s (%s)", endpoint.where, endpoint.binding, endpoint.origin)
+        self._summaries = gevent.spawn(self._summarise_warnings)
 
     def request_stop(self) -> None:
         """Safe from a signal handler: the main greenlet does the work."""
@@ -88,12 +121,74 @@ class Server:
         self._stopping = True
         for server in self._servers:
             server.close()
+        self._backlog.close()
         for wire in self._wires:
             if wire.waiting:
                 wire.stop(_Stopping)
         self._pool.join(timeout=self._config.stop_timeout)
         self._pool.kill(timeout=1)
+        if self._summaries is not None:
+            self._summaries.kill()
+        self._log_summaries()
         log.info("stopped after %d lookups", self.lookups)
+
+    # --- warnings about clients ------------------------------------------------
+
+    def warn(self, wire: _Wire, address: object, message: str) -> None:
+        """Log a warning about a client, unless it has had its share (ratelimit.py)."""
+        if self.warnings.allow(client_key(wire.sock, address)):
+            peer = format_address(address)
+            log.warning("%s: %s", peer, message, extra={"CLIENT": peer})
+
+    def _summarise_warnings(self) -> None:
+        while True:
+            gevent.sleep(1.0)
+            self._log_summaries()
+
+    def _log_summaries(self) -> None:
+        for client, count in self.warnings.expired():
+            log.warning(
+                "%s: %d more warnings suppressed in %ds",
+                client,
+                count,
+                self.warnings.window,
+                extra={"CLIENT": client},
+            )
+
+    # --- at --max-connections ------------------------------------------------
+
+    def evict_idlest(self) -> bool:
+        """Close the connection idle longest, for a newcomer; False if none can go now.
+
+        Idle means waiting for a request, or for the client to read its replies;
+        its idle time counts from its last answered request (_IdleWatch.last).
+        """
+        waiting = [
+            (watch.last, wire)
+            for wire, watch in self._wires.items()
+            if wire.stoppable and wire.on_client
+        ]
+        if not waiting:
+            return False
+        _, victim = min(waiting, key=lambda pair: pair[0])
+        victim.stoppable = False  # one eviction each
+        victim.stop(_Evicted)
+        return True
+
+    @property
+    def full(self) -> bool:
+        return bool(self._pool.full()) and not self._stopping
+
+    # --- output held for slow readers ----------------------------------------
+
+    @staticmethod
+    def _close_holder(wire: _Wire) -> bool:
+        """Close a connection holding replies, over the output budget (admission.py)."""
+        if not wire.stoppable:
+            return False
+        wire.stoppable = False
+        wire.stop(_OverBudget)
+        return True
 
     # --- one connection -----------------------------------------------------
 
@@ -104,34 +199,55 @@ class Server:
         session = new_session()
         wire = _Wire(socket.socket(fileno=gsock.detach()))
         watch = _IdleWatch(self._config.idle_timeout)
-        self._wires.add(wire)
+        self._wires[wire] = watch
+        if self._pool.full():
+            self._backlog.start()  # a newcomer will close the connection idle longest
+        reason = CloseReason.CLIENT
         try:
-            while not self._stopping:
-                try:
-                    data = wire.receive()
-                except _IdleTimeout as exc:
-                    if watch.expired(exc):
-                        raise
-                    continue  # not idle after all: the watch is re-armed, read on
-                except _Stopping:
-                    break
-                if not data or not self._serve(wire, address, session, data, watch):
-                    return
-            # Shutting down: answer requests that already arrived, then close.
-            pending = wire.pending()
-            if pending:
-                self._serve(wire, address, session, pending, watch)
+            reason = self._converse(wire, address, session, watch)
         except _IdleTimeout:  # silent, or not reading its replies
+            reason = CloseReason.IDLE
             log.debug("%s: idle for %ss, closing", format_address(address), watch.idle)
+        except _OverBudget:
+            reason = CloseReason.LIMIT
+            budget = self.output.budget >> 20
+            self.warn(wire, address, f"not reading its replies, over the {budget} MiB held for all")
+        except _Evicted:
+            reason = CloseReason.LIMIT
+            log.debug("%s: idle longest at --max-connections, closing", format_address(address))
         except OSError as exc:
             log.debug("%s: %s", format_address(address), exc)
         except _Stopping:
-            pass  # the kill landed while a reply was being sent: the connection just closes
+            reason = CloseReason.SHUTDOWN  # the kill landed while a reply was being sent
         finally:
-            self._wires.discard(wire)
+            del self._wires[wire]
             watch.close()
             wire.close()
             self.connections -= 1
+            self.closed[reason] += 1
+
+    def _converse(
+        self, wire: _Wire, address: object, session: Session, watch: _IdleWatch
+    ) -> CloseReason:
+        """Read and answer until the client hangs up, errs, or the server stops."""
+        while not self._stopping:
+            try:
+                data = wire.receive()
+            except _IdleTimeout as exc:
+                if watch.expired(exc):
+                    raise
+                continue  # not idle after all: the watch is re-armed, read on
+            except _Stopping:
+                break
+            if not data:
+                return CloseReason.CLIENT
+            if not self._serve(wire, address, session, data, watch):
+                return CloseReason.ERROR
+        # Shutting down: answer requests that already arrived, then close.
+        pending = wire.pending()
+        if pending:
+            self._serve(wire, address, session, pending, watch)
+        return CloseReason.SHUTDOWN
 
     def _serve(
         self,
@@ -141,16 +257,20 @@ class Server:
         data: bytes,
         watch: _IdleWatch,
     ) -> bool:
-        """Answer every complete request in DATA; False if the connection must close."""
+        """Answer every complete request in DATA; False if the connection must close.
+
+        Each output is sent before the session answers more, so what one
+        connection holds is one output (sessions.OUTPUT_LIMIT); all of them
+        together hold about the budget at most (admission.OutputBudget).
+        """
         answered = 0
         close = None
         for replies, requests, close in session.receive(data):
             answered += requests
             if replies:
-                _send_all(wire, replies, watch)
+                _send_all(wire, replies, watch, self)
             if close is not None:
-                peer = format_address(address)
-                log.warning("%s: %s, closing", peer, close, extra={"CLIENT": peer})
+                self.warn(wire, address, f"{close}, closing")
                 break
         if answered:
             self.lookups += answered
@@ -185,13 +305,25 @@ class _Wire:
     idle Timeout, a stop), resumes the greenlet from that wait.
     """
 
-    __slots__ = ("_greenlet", "_hub", "_read", "_resume", "_write", "sock", "waiting")
+    __slots__ = (
+        "_greenlet",
+        "_hub",
+        "_read",
+        "_resume",
+        "_write",
+        "sending",
+        "sock",
+        "stoppable",
+        "waiting",
+    )
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         hub = gevent.get_hub()
         self.sock = sock
         self.waiting = False  # waiting for the next request (Server.stop ends that)
+        self.sending = False  # waiting for the client to read its replies
+        self.stoppable = True  # not yet chosen to make room
         self._hub = hub
         self._read = hub.loop.io(sock.fileno(), 1)
         self._write = hub.loop.io(sock.fileno(), 2)
@@ -220,13 +352,22 @@ class _Wire:
             except BlockingIOError:
                 continue
 
-    def send(self, data: bytes | memoryview) -> int:
+    def send(self, data: bytes | bytearray | memoryview) -> int:
         """Send what fits now, waiting only when nothing does."""
         while True:
             try:
                 return self.sock.send(data)
             except BlockingIOError:
-                self._wait(self._write)
+                self.sending = True
+                try:
+                    self._wait(self._write)
+                finally:
+                    self.sending = False
+
+    @property
+    def on_client(self) -> bool:
+        """Waiting on its client, to send a request or to read replies."""
+        return self.waiting or self.sending
 
     def stop(self, exception: type[BaseException]) -> None:
         """Raise EXCEPTION in the connection's greenlet (soon, from the hub)."""
@@ -235,14 +376,11 @@ class _Wire:
         greenlet.kill(exception, block=False)
 
     def pending(self) -> bytes:
-        """What the client has already sent, without waiting for more."""
-        chunks = []
+        """What the client has already sent (one read's worth), without waiting for more."""
         try:
-            while chunk := self.sock.recv(RECV_SIZE):
-                chunks.append(chunk)
+            return self.sock.recv(RECV_SIZE)
         except OSError:
-            pass
-        return b"".join(chunks)
+            return b""
 
     def close(self) -> None:
         self._read.close()
@@ -295,17 +433,33 @@ class _IdleWatch:
         self._timer.close()
 
 
-def _send_all(wire: _Wire, data: bytes, watch: _IdleWatch) -> None:
-    """sendall() that survives the idle watch firing while a busy client reads slowly."""
-    rest: bytes | memoryview = data  # a memoryview only once a send falls short
-    while rest:
-        try:
-            sent = wire.send(rest)
-        except _IdleTimeout as exc:
-            if watch.expired(exc):
-                raise
-            continue  # nothing was sent by the interrupted call: send it again
-        rest = memoryview(rest)[sent:] if sent < len(rest) else b""
+def _send_all(wire: _Wire, data: bytes | bytearray, watch: _IdleWatch, server: Server) -> None:
+    """sendall() that survives the idle watch firing while a busy client reads slowly.
+
+    What does not go at once is counted in SERVER.output until it is sent.
+    """
+    try:
+        sent = wire.sock.send(data)  # no wait here: a wait must be counted first
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):  # the usual case: the reply fits the socket buffer
+        return
+    rest = memoryview(data)[sent:]
+    # The whole output stays in memory until its last byte is sent, and so does
+    # the read it answers (at most RECV_SIZE bytes).
+    held = len(data) + RECV_SIZE
+    server.output.hold(wire, held)
+    try:
+        while rest:
+            try:
+                sent = wire.send(rest)
+            except _IdleTimeout as exc:
+                if watch.expired(exc):
+                    raise
+                continue  # nothing was sent by the interrupted call: send it again
+            rest = rest[sent:]
+    finally:
+        server.output.release(wire, held)
 
 
 def session_factory(binding: Binding, maps: Maps, config: ServerConfig) -> SessionFactory:

@@ -7,7 +7,7 @@ says when the connection must close.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from . import protocol, socketmap
 from .responder import Responder, SocketmapResponder
@@ -15,50 +15,54 @@ from .responder import Responder, SocketmapResponder
 # What one batch of requests gives: (replies, requests answered, why the
 # connection must close after the replies or None). One per read, on the hot
 # path: a plain tuple costs a seventh of a NamedTuple.
-Output = tuple[bytes, int, str | None]
+Output = tuple[bytes | bytearray, int, str | None]
 
+# The most reply bytes a session hands over at once. The server sends a batch
+# before it reads or answers anything more from that client, so this bounds
+# what a client that pipelines requests and never reads its replies can make
+# the server hold: a batch is closed once it reaches _FLUSH_AT, and one more
+# reply (a socketmap one is at most MAX_REPLY_BYTES) cannot take it past this.
+OUTPUT_LIMIT = 128 * 1024
+_FLUSH_AT = OUTPUT_LIMIT - socketmap.MAX_REPLY_BYTES
 
-# Requests answered per write. A client that pipelines many small requests and
-# never reads can make the server hold at most this many replies (4 KiB each for
-# tcp_table) before the write blocks and the idle timeout takes over.
-BATCH = 64
+_Request = TypeVar("_Request")
 
 
 class Session(Protocol):
     def receive(self, data: bytes) -> Iterable[Output]: ...
 
 
-def _answer(
-    answer_all: Callable[[list[bytes]], bytes],
-    requests: list[bytes],
-    close: str | None,
-    last: Output,
-) -> Iterable[Output]:
-    """Answer REQUESTS in batches of BATCH; then, when CLOSE says why, LAST."""
-    if close is None and len(requests) <= BATCH:  # the usual case: one batch, now
-        return ((answer_all(requests), len(requests), None),)
-    return _batches(answer_all, requests, close, last)
-
-
 def _batches(
-    answer_all: Callable[[list[bytes]], bytes],
-    requests: list[bytes],
-    close: str | None,
-    last: Output,
+    requests: Iterator[_Request],
+    answer: Callable[[_Request], bytes],
+    errors: tuple[type[Exception], ...],
+    error_reply: Callable[[Exception], bytes],
 ) -> Iterator[Output]:
-    for start in range(0, len(requests), BATCH):
-        batch = requests[start : start + BATCH]
-        yield answer_all(batch), len(batch), None
-    if close is not None:
-        yield last[0], last[1], close
+    """Answer REQUESTS as they are framed, in batches of under OUTPUT_LIMIT bytes.
 
-
-_LINE_TOO_LONG: Output = (protocol.LINE_TOO_LONG, 1, None)
-_HANG_UP: Output = (b"", 0, None)
+    An exception of ERRORS from the framing ends the stream: what came before is
+    answered, then ERROR_REPLY(exc) is sent and the connection closes.
+    """
+    replies = bytearray()
+    count = 0
+    try:
+        for request in requests:
+            replies += answer(request)
+            count += 1
+            if len(replies) >= _FLUSH_AT:
+                yield replies, count, None
+                replies, count = bytearray(), 0
+    except errors as exc:
+        yield replies + error_reply(exc), count, str(exc)
+        return
+    if count:
+        yield replies, count, None
 
 
 class TcpTableSession:
-    """tcp_table(5): LF-framed lines; an over-long line is answered 400, then closed."""
+    """tcp_table(5): LF-framed lines; an over-long line is dropped as it comes and answered
+    (500 for a "get": no table has such a key); a stream that does not start as a
+    request is answered once, then closed."""
 
     __slots__ = ("_buffer", "_responder")
 
@@ -70,19 +74,41 @@ class TcpTableSession:
         line = self._buffer.whole_line(data)
         if line is not None:  # the usual case, and the fast path
             return ((self._responder.answer(line), 1, None),)
-        try:
-            lines, close = self._buffer.feed(data), None
-        except protocol.LineTooLong as exc:
-            lines, close = exc.lines, str(exc)
-        # The over-long line itself is answered: one request more.
-        return _answer(self._responder.answer_all, lines, close, _LINE_TOO_LONG)
+        return _batches(
+            self._buffer.lines(data), self._answer, (protocol.WrongProtocol,), _tcp_table_refusal
+        )
+
+    def _answer(self, line: protocol.Line) -> bytes:
+        if type(line) is bytes:
+            return self._responder.answer(line)
+        assert isinstance(line, protocol.OverLong)
+        return protocol.over_long(line)
+
+
+# What a client of the other protocol is told before the hang-up.
+TO_SOCKETMAP_CLIENT = socketmap.permanent("this is a tcp_table listener: use tcp:HOST:PORT")
+TO_OTHER_CLIENT = protocol.temporary("not a tcp_table request")
+TO_TCP_TABLE_CLIENT = protocol.temporary(
+    "this is a socketmap listener: use socketmap:inet:HOST:PORT:NAME"
+)
+
+
+def _tcp_table_refusal(exc: Exception) -> bytes:
+    """The reply before hanging up on a client that does not speak tcp_table.
+
+    A socketmap client is told in its own protocol, so that Postfix logs the
+    reason ("socketmap server permanent error: ..."); anything else gets a 400.
+    """
+    assert isinstance(exc, protocol.WrongProtocol)
+    return TO_SOCKETMAP_CLIENT if exc.first[:1].isdigit() else TO_OTHER_CLIENT
 
 
 class SocketmapSession:
     """socketmap_table(5): netstrings; a framing error closes the connection.
 
     After a framing error the stream cannot be re-synchronised, so nothing more
-    is sent: Postfix's client treats the disconnect as a temporary error.
+    is sent: Postfix's client treats the disconnect as a temporary error. A
+    stream that does not start as a netstring gets one reply first.
     """
 
     __slots__ = ("_buffer", "_responder")
@@ -92,8 +118,21 @@ class SocketmapSession:
         self._buffer = socketmap.NetstringBuffer()
 
     def receive(self, data: bytes) -> Iterable[Output]:
-        try:
-            payloads, close = self._buffer.feed(data), None
-        except socketmap.NetstringError as exc:
-            payloads, close = exc.payloads, str(exc)
-        return _answer(self._responder.answer_all, payloads, close, _HANG_UP)
+        payload = self._buffer.whole(data)
+        if payload is not None:  # one request per read: what Postfix sends
+            return ((self._responder.answer(payload), 1, None),)
+        return _batches(
+            self._buffer.payloads(data),
+            self._responder.answer_any,
+            (socketmap.NetstringError,),
+            _socketmap_refusal,
+        )
+
+
+def _socketmap_refusal(exc: Exception) -> bytes:
+    """Nothing after a framing error; a tcp_table client is told in its own protocol
+    (a 400 line, which Postfix's client takes as a temporary error at once, instead of
+    reconnecting ten times)."""
+    if isinstance(exc, socketmap.WrongProtocol) and exc.tcp_table:
+        return TO_TCP_TABLE_CLIENT
+    return b""

@@ -8,27 +8,66 @@ quoting, case preserved); a reply is ``OK value``, ``NOTFOUND ``, ``TEMP reason`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
+
+from .dbformat import MAX_LOOKUP_KEY
 
 # dict_sockmap.c DICT_SOCKMAP_DEF_MAX_REPLY: the reply payload limit, framing
 # not counted. Postfix >= 3.10 lets admins change it (socketmap_max_reply_size);
 # older clients, such as Debian 12's 3.7, have it fixed.
 MAX_REPLY = 100_000
-# Postfix sends keys up to socketmap_max_query_size (10000 by default, 3.12)
-# plus the map name; allow ten times that before calling the peer broken.
-MAX_REQUEST = 100_000
-_MAX_DIGITS = len(str(MAX_REQUEST)) + 8  # Postfix accepts leading zeros; so do we, within reason
+# The longest request payload kept: a map name (a file name, NAME_MAX 255 bytes),
+# SP, and the longest lookup key that can fold to a key a table holds. Postfix
+# sends keys of any length (3.7) or up to socketmap_max_query_size (10000 by
+# default, 3.12); a longer payload is dropped as it arrives, but for its first
+# MAX_REQUEST bytes, and answered NOTFOUND.
+MAX_REQUEST = 255 + 1 + MAX_LOOKUP_KEY
+# Postfix accepts leading zeros; so do we, within reason. Any length fits in this.
+MAX_DIGITS = 20
+# The most bytes one reply netstring takes: "100000:" + payload + ",".
+MAX_REPLY_BYTES = len(str(MAX_REPLY)) + 1 + MAX_REPLY + 1
 
 
 class NetstringError(ValueError):
-    """The byte stream is not a netstring: the connection cannot be re-synchronised.
+    """The byte stream is not a netstring: the connection cannot be re-synchronised."""
 
-    ``payloads`` holds the complete requests that arrived before the error.
+
+class WrongProtocol(NetstringError):
+    """The first bytes of a connection cannot start a netstring: answer, then close.
+
+    ``first`` holds up to four of them, to guess what the client speaks.
     """
 
-    def __init__(self, message: str, payloads: list[bytes] | None = None) -> None:
-        super().__init__(message)
-        self.payloads = payloads or []
+    def __init__(self, first: bytes) -> None:
+        super().__init__(wrong_protocol(first))
+        self.first = first
+
+    @property
+    def tcp_table(self) -> bool:
+        """Whether the client looks like a tcp_table one: its first bytes begin "get "."""
+        return looks_like_tcp_table(self.first)
+
+
+def looks_like_tcp_table(first: bytes) -> bool:
+    """Whether FIRST, a stream's first bytes, can begin tcp_table(5)'s "get SP key"."""
+    return b"get ".startswith(first) or first.startswith(b"get ")
+
+
+def wrong_protocol(first: bytes) -> str:
+    """What the first bytes of a connection that are not a netstring suggest."""
+    if looks_like_tcp_table(first):
+        return "this looks like a tcp_table client on a socketmap listener"
+    return f"not a socketmap client: {first!r} cannot start a netstring"
+
+
+class OverLong(NamedTuple):
+    """A well-formed request payload longer than MAX_REQUEST: only its head was kept."""
+
+    head: bytes  # the first MAX_REQUEST bytes: the map name and the start of the key
+
+
+Payload = bytes | OverLong
 
 
 class Lookup(NamedTuple):  # one per request: a NamedTuple is cheapest
@@ -44,68 +83,116 @@ def netstring(payload: bytes) -> bytes:
     return b"%d:%s," % (len(payload), payload)
 
 
-class NetstringBuffer:
-    """Frames a byte stream into netstring payloads of at most MAX_REQUEST bytes.
+_LENGTH, _DATA, _COMMA = 0, 1, 2  # what NetstringBuffer is reading
+_COMMA_BYTE = ord(",")
+_NO_COMMA = "netstring not terminated by ','"
 
-    While a payload of known length is still arriving, received chunks are only
-    collected, not re-scanned: a request trickled a byte at a time costs linear
-    work, not quadratic.
+
+class NetstringBuffer:
+    """Frames a byte stream into netstring payloads, incrementally.
+
+    Each byte received is looked at once: a length is read as its digits
+    arrive, a payload is copied into one bytearray (a request that arrives a
+    byte per read costs about one byte of memory per byte), and only its first
+    ``limit`` bytes are kept; a longer payload is given as OverLong when its
+    comma arrives. Complete netstrings inside one read are sliced out of it
+    without copying. The stream must start with a digit (WrongProtocol).
     """
 
-    __slots__ = ("_chunks", "_held", "_limit", "_needed")
+    __slots__ = ("_digits", "_held", "_limit", "_remaining", "_started", "_state")
 
     def __init__(self, limit: int = MAX_REQUEST) -> None:
-        self._chunks: list[bytes] = []
-        self._held = 0  # bytes in _chunks
-        self._needed = 0  # bytes to hold before scanning again is worthwhile
         self._limit = limit
+        self._state = _LENGTH
+        self._digits = bytearray()  # of the length being read
+        self._remaining = 0  # payload bytes still to come
+        self._held = bytearray()  # the payload so far, up to the limit
+        self._started = False
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add received bytes; return the complete payloads.
+    def whole(self, data: bytes) -> bytes | None:
+        """The payload if DATA is exactly one netstring of at most ``limit`` and nothing is
+        held, else None: what a client that waits for each reply sends."""
+        if self._state != _LENGTH or self._digits or not self._started:
+            return None
+        colon = data.find(b":", 0, MAX_DIGITS + 1)
+        if colon <= 0 or data[-1:] != b"," or not data[:colon].isdigit():
+            return None
+        length = len(data) - colon - 2
+        if length > self._limit or int(data[:colon]) != length:
+            return None
+        return data[colon + 1 : -1]
+
+    def payloads(self, data: bytes) -> Iterator[Payload]:
+        """Add received bytes; yield each complete payload in order.
 
         Raises NetstringError at the first byte that cannot belong to a
-        netstring, or as soon as a length over the limit is announced.
+        netstring (WrongProtocol if it is the stream's first). Iterate to the
+        end before the next call.
         """
-        self._chunks.append(data)
-        self._held += len(data)
-        if self._held < self._needed:
-            return []
-        buffer = b"".join(self._chunks) if len(self._chunks) > 1 else data
-        payloads: list[bytes] = []
-        try:
-            start, self._needed = self._split(buffer, payloads)
-        except NetstringError as exc:
-            self._chunks, self._held, self._needed = [], 0, 0
-            exc.payloads = payloads
-            raise
-        rest = buffer[start:]
-        self._chunks, self._held = ([rest] if rest else []), len(rest)
-        return payloads
+        if not self._started and data:
+            if not data[:1].isdigit():
+                raise WrongProtocol(data[:4])
+            self._started = True
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._state == _LENGTH:
+                pos = self._length(data, pos)
+                if pos < 0:
+                    return  # the length is still arriving
+                end = pos + self._remaining
+                if end < size and self._remaining <= self._limit:  # the whole netstring is here
+                    if data[end] != _COMMA_BYTE:
+                        raise NetstringError(_NO_COMMA)
+                    yield data[pos:end]
+                    pos = end + 1
+                    continue
+                self._state = _DATA
+            elif self._state == _DATA:
+                pos = self._data(data, pos)
+            else:
+                if data[pos] != _COMMA_BYTE:
+                    raise NetstringError(_NO_COMMA)
+                yield self._payload()
+                pos += 1
 
-    def _split(self, buffer: bytes, payloads: list[bytes]) -> tuple[int, int]:
-        """Append complete payloads: (where the incomplete rest starts, bytes it needs)."""
-        start = 0
-        while start < len(buffer):
-            colon = buffer.find(b":", start, start + _MAX_DIGITS + 1)
-            if colon == -1:
-                digits = buffer[start : start + _MAX_DIGITS + 1]
-                if not digits.isdigit() or len(digits) > _MAX_DIGITS:
-                    raise NetstringError(f"bad netstring length {digits[:20]!r}")
-                return start, 0  # the length is still arriving
-            digits = buffer[start:colon]
-            if not digits.isdigit():
-                raise NetstringError(f"bad netstring length {digits[:20]!r}")
-            length = int(digits)
-            if length > self._limit:
-                raise NetstringError(f"netstring of {length} bytes exceeds {self._limit}")
-            end = colon + 1 + length
-            if len(buffer) <= end:
-                return start, end + 1 - start  # payload or its comma still arriving
-            if buffer[end] != ord(","):
-                raise NetstringError("netstring not terminated by ','")
-            payloads.append(buffer[colon + 1 : end])
-            start = end + 1
-        return start, 0
+    def _length(self, data: bytes, pos: int) -> int:
+        """Read length digits from POS: where the payload starts, or -1 if the ':' is to come."""
+        room = MAX_DIGITS - len(self._digits)
+        colon = data.find(b":", pos, pos + room + 1)
+        digits = data[pos : colon if colon != -1 else pos + room + 1]
+        if digits and not digits.isdigit():
+            raise NetstringError(f"bad netstring length {bytes(self._digits) + digits!r}")
+        self._digits += digits
+        if colon == -1:
+            if len(self._digits) > MAX_DIGITS:
+                raise NetstringError(f"netstring length of over {MAX_DIGITS} digits")
+            return -1
+        if not self._digits:
+            raise NetstringError("netstring length missing before ':'")
+        self._remaining = int(self._digits)
+        self._digits.clear()
+        return colon + 1
+
+    def _data(self, data: bytes, pos: int) -> int:
+        """Take payload bytes from POS, keeping up to the limit (and one more); where they end."""
+        take = min(self._remaining, len(data) - pos)
+        room = self._limit + 1 - len(self._held)
+        if room > 0:
+            self._held += memoryview(data)[pos : pos + min(take, room)]
+        self._remaining -= take
+        if not self._remaining:
+            self._state = _COMMA
+        return pos + take
+
+    def _payload(self) -> Payload:
+        held, self._held, self._state = self._held, bytearray(), _LENGTH
+        if len(held) <= self._limit:
+            return bytes(held)
+        return OverLong(bytes(held[: self._limit]))
+
+    def feed(self, data: bytes) -> list[Payload]:
+        """payloads(DATA) as a list."""
+        return list(self.payloads(data))
 
 
 def parse_request(payload: bytes) -> Lookup:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import select
 import socket
 import threading
 import time
@@ -193,85 +192,59 @@ def test_slowloris_is_cut_off_by_the_idle_timeout(
 # --- connection floods --------------------------------------------------------------------------
 
 
-def test_connections_beyond_max_connections_queue_and_are_served_in_turn(
+def test_connections_beyond_max_connections_are_served_in_turn_by_closing_idle_ones(
     server: StartServer, db: Path
 ) -> None:
-    """--max-connections 5 and 50 clients: five served promptly, 45 wait in the listen queue
-    without hurting them, then are served five at a time, in order, as slots free."""
+    """--max-connections 5 and 45 more clients, each sending a request at once: every one
+    is answered within a second of the one before, in arrival order, by closing the
+    connection idle longest; never more than five are open."""
     srv = server(db, "--max-connections", "5")
     holders = [srv.connect() for _ in range(5)]
-    latencies = [timed_ask(holder, "alice") for holder in holders]
+    for holder in holders:
+        timed_ask(holder, "alice")
     queued = [srv.connect() for _ in range(45)]  # the kernel completes these handshakes
-    sent_at = {}
     for conn in queued:
         conn.send(b"get alice\n")
-        sent_at[conn] = time.monotonic()
-    # While the queue waits, the five open connections keep getting prompt answers.
-    for _ in range(3):
-        latencies += [timed_ask(holder, "big") for holder in holders]
-        ready, _, _ = select.select([conn.sock for conn in queued], [], [], 0.1)
-        assert ready == [], "a connection over the limit was served"
-    assert max(latencies) < 0.5, f"slowest answer to an open connection: {max(latencies):.2f}s"
-
-    def answered(conns: list[Conn], count: int, timeout: float = REPLY_TIMEOUT) -> list[Conn]:
-        """Wait until COUNT of CONNS have a reply waiting; return those."""
-        deadline = time.monotonic() + timeout
-        ready: list[socket.socket] = []
-        while len(ready) < count:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"{len(ready)} of {count} connections answered in {timeout}s"
-            ready, _, _ = select.select([conn.sock for conn in conns], [], [], remaining)
-        return [conn for conn in conns if conn.sock in ready]
-
+    for index, conn in enumerate(queued):
+        assert conn.read_line(timeout=1.0) == b"200 here\n", f"client {index}"
+        if index >= 5:  # five newer ones are open: this one's turn came after it was closed
+            queued[index - 5].read_eof(timeout=1.0, reset_ok=True)
     for holder in holders:
+        holder.read_eof(timeout=1.0, reset_ok=True)
         holder.close()
-    first = answered(queued, 5)
-    assert first == queued[:5], "not served in arrival order"
-    ready, _, _ = select.select([conn.sock for conn in queued[5:]], [], [], 0.3)
-    assert ready == [], "more than five connections served at once"
-    waits = []
-    waiting = list(queued)
-    while waiting:
-        for conn in answered(waiting, 1):
-            assert conn.read_line() == b"200 here\n"
-            waits.append(time.monotonic() - sent_at[conn])
-            # Served in turn: nobody who arrived more than five places later is served first.
-            assert queued.index(conn) < queued.index(waiting[0]) + 5
-            waiting.remove(conn)
-            conn.close()
-    assert len(waits) == 45
-    assert max(waits) < REPLY_TIMEOUT
+    for conn in queued[-5:]:
+        assert conn.ask("big") == (200, BIG_VALUE.encode())
+    for conn in queued:
+        conn.close()
 
 
 # --- over-long lines ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("piece", [20 * 1024, 1024, 7], ids=["one-go", "1KiB-pieces", "7B-pieces"])
-def test_over_long_line_is_refused_as_soon_as_the_limit_is_passed(
+def test_over_long_get_is_not_found_however_it_arrives(
     server: StartServer, db: Path, piece: int
 ) -> None:
-    """20 KiB without LF: the 400 and the hang-up come once 16384 bytes are in, not at the end."""
+    """A 20 KiB get line, in pieces: nothing before its LF, 500 at it, the connection kept,
+    and no warning (it is a lookup of a key no table has, not an error)."""
     srv = server(db)
     line = b"get " + b"k" * (20 * 1024 - 4)
     mark = srv.mark()
     with srv.connect() as conn:
-        sent = 0
-        while sent < LINE_LIMIT:
-            conn.send(line[sent : sent + piece])
-            sent += len(line[sent : sent + piece])
-        # Past the limit and not one byte more: the answer must not wait for the rest.
-        assert conn.read_line() == protocol.LINE_TOO_LONG
-        assert drain(conn.sock) == b""
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            conn.send(line[sent:])  # the rest goes nowhere
-    srv.wait_for_log(r"WARNING: .*request line longer than 16383 bytes, closing", since=mark)
-    with srv.connect() as fresh:
-        assert fresh.ask("alice") == (200, b"here")
+        for start in range(0, len(line), piece):
+            conn.send(line[start : start + piece])
+        conn.sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            conn.sock.recv(100)  # no answer before the LF
+        conn.send(b"\n")
+        assert conn.read_line() == protocol.NOT_FOUND
+        assert conn.ask("alice") == (200, b"here")
+    assert not [line for line in srv.logs[mark:] if "WARNING" in line]
 
 
 def test_over_long_input_is_never_buffered(server: StartServer, db: Path) -> None:
-    """200 clients holding 16383 bytes each cost little; a 64 MiB line is cut off after the
-    first read, its sender reset long before the end; RSS barely moves."""
+    """200 clients holding the longest line kept cost little; a 64 MiB line is dropped as
+    it arrives and answered 500 at its LF; RSS barely moves."""
     srv = server(db)
     base = rss(srv)
     almost = b"get " + b"k" * (LINE_LIMIT - 1 - 4)  # the longest line, still without its LF
@@ -279,12 +252,13 @@ def test_over_long_input_is_never_buffered(server: StartServer, db: Path) -> Non
     try:
         for holder in holders:
             holder.send(almost)
-        with socket.create_connection(srv.address, timeout=REPLY_TIMEOUT) as flood:
-            chunk, sent = b"x" * (1 << 16), 0
-            with pytest.raises((BrokenPipeError, ConnectionResetError)):
-                while sent < 64 * MiB:
-                    sent += flood.send(chunk)
-            assert sent < 16 * MiB, f"{sent / MiB:.1f} MiB went in before the reset"
+        with srv.connect(timeout=30) as flood:
+            flood.send(b"get ")
+            chunk = b"x" * (1 << 16)
+            for _ in range(64 * MiB // len(chunk)):
+                flood.send(chunk)
+            flood.send(b"\n")
+            assert flood.read_line(timeout=30) == protocol.NOT_FOUND
         # Every pending line was kept whole: completing it gives a normal answer.
         for holder in holders:
             holder.send(b"\n")

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tcpmap_lmdb import protocol
 from tcpmap_lmdb.responder import Responder
-from tcpmap_lmdb.sessions import TcpTableSession
+from tcpmap_lmdb.sessions import Output, TcpTableSession
 from tcpmap_lmdb.table import TableError
 
 # Twisted's PostfixTCPMapQuoteTests.testData: (raw, quoted, *other accepted spellings).
@@ -214,9 +214,9 @@ def test_parse_reply_keeps_extra_whitespace() -> None:
 STREAM = b"get foo\nget bar\nput a b\nget baz\n"
 
 
-def frame(chunks: list[bytes]) -> list[bytes]:
+def frame(chunks: list[bytes]) -> list[protocol.Line]:
     buffer = protocol.LineBuffer()
-    lines: list[bytes] = []
+    lines: list[protocol.Line] = []
     for chunk in chunks:
         lines.extend(buffer.feed(chunk))
     assert buffer.pending == 0
@@ -241,6 +241,7 @@ def test_byte_by_byte_gives_the_same_requests() -> None:
 )
 def test_any_chunking_gives_the_same_requests(lines: list[bytes], data: st.DataObject) -> None:
     """Property: however the stream is cut, the framed lines are the same."""
+    lines = [b"get " + line for line in lines]  # a stream must start as a request
     stream = b"".join(line + b"\n" for line in lines)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
     chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
@@ -261,19 +262,62 @@ def test_longest_allowed_line_passes() -> None:
     assert protocol.LineBuffer().feed(line + b"\n") == [line]
 
 
-def test_over_long_line_is_rejected_before_its_end_arrives() -> None:
-    """MAX_REQUEST bytes without LF can never be a valid line: reject at once."""
+def test_an_over_long_line_is_dropped_as_it_arrives_and_given_at_its_lf() -> None:
+    """A line over MAX_REQUEST is not held: its bytes go as they come; its LF gives OverLong
+    with its first bytes, and the lines after it frame as usual."""
     buffer = protocol.LineBuffer()
-    buffer.feed(b"get " + b"a" * (protocol.MAX_REQUEST - 10))
-    with pytest.raises(protocol.LineTooLong):
-        buffer.feed(b"a" * 10)
+    assert buffer.feed(b"get " + b"a" * (protocol.MAX_REQUEST - 4)) == []
+    assert buffer.pending == 0
+    for _ in range(100):
+        assert buffer.feed(b"a" * 10_000) == []
+        assert buffer.pending == 0
+    assert buffer.feed(b"\nget b\n") == [protocol.OverLong(b"get "), b"get b"]
 
 
-def test_lines_before_an_over_long_one_are_kept() -> None:
-    """Complete requests ahead of the over-long line are still answered."""
-    with pytest.raises(protocol.LineTooLong) as caught:
-        protocol.LineBuffer().feed(b"get a\nget b\n" + b"x" * protocol.MAX_REQUEST)
-    assert caught.value.lines == [b"get a", b"get b"]
+def test_lines_around_an_over_long_one_come_out_in_order() -> None:
+    """Complete requests before and after an over-long line, in one read."""
+    data = b"get a\nget b\n" + b"x" * protocol.MAX_REQUEST + b"\nget c\n"
+    assert protocol.LineBuffer().feed(data) == [
+        b"get a",
+        b"get b",
+        protocol.OverLong(b"xxxx"),
+        b"get c",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("head", "reply"),
+    [
+        (b"get ", protocol.NOT_FOUND),
+        (b"put ", protocol.LINE_TOO_LONG),
+        (b"xxxx", protocol.LINE_TOO_LONG),
+    ],
+)
+def test_an_over_long_get_is_not_found_and_anything_else_is_400(head: bytes, reply: bytes) -> None:
+    """No table holds a key that long (dbformat.MAX_LOOKUP_KEY): a get is 500, the rest 400."""
+    assert protocol.over_long(protocol.OverLong(head)) == reply
+
+
+@pytest.mark.parametrize(
+    "first", [b"12:virtual k", b"1", b"\x16\x03\x01", b"GET / HTTP/1.1", b"\n"]
+)
+def test_a_stream_that_cannot_start_a_request_is_the_wrong_protocol(first: bytes) -> None:
+    """The first bytes must begin "get" or "put": anything else, as soon as it is seen."""
+    with pytest.raises(protocol.WrongProtocol):
+        protocol.LineBuffer().feed(first)
+
+
+def test_a_netstring_is_named_as_a_socketmap_client() -> None:
+    with pytest.raises(protocol.WrongProtocol, match="looks like a socketmap client"):
+        protocol.LineBuffer().feed(b"12:virtual k")
+
+
+def test_the_first_bytes_are_judged_across_reads_and_only_once() -> None:
+    """ "g", "e", "t x" make a request; later lines are only judged as requests."""
+    buffer = protocol.LineBuffer()
+    assert buffer.feed(b"g") == []
+    assert buffer.feed(b"e") == []
+    assert buffer.feed(b"t x\n12:y\n") == [b"get x", b"12:y"]
 
 
 # --- properties ---------------------------------------------------------------
@@ -349,7 +393,7 @@ class _FramedOnly(protocol.LineBuffer):
         return None
 
 
-def _general_path(data: bytes, buffered: bytes) -> list[tuple[bytes, int, str | None]]:
+def _general_path(data: bytes, buffered: bytes) -> list[Output]:
     session = TcpTableSession(responder(TWISTED_DATA))
     session._buffer = _FramedOnly()
     if buffered:
@@ -371,6 +415,8 @@ def test_one_whole_line_is_answered_as_the_general_path_would(data: bytes, buffe
 
 def test_whole_line_takes_only_one_complete_line_with_nothing_buffered() -> None:
     buffer = protocol.LineBuffer(limit=10)
+    assert buffer.whole_line(b"get a\n") is None  # the first bytes are judged by feed()
+    assert buffer.feed(b"get a\n") == [b"get a"]
     assert buffer.whole_line(b"get a\n") == b"get a"
     assert buffer.whole_line(b"get a\nget b\n") is None  # two lines
     assert buffer.whole_line(b"get a") is None  # no LF yet

@@ -38,7 +38,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tcpmap_lmdb import protocol, socketmap
+from tcpmap_lmdb import protocol, sessions, socketmap
 from tcpmap_lmdb.dbformat import fold
 
 VIRTUAL = {
@@ -64,10 +64,10 @@ SPELLINGS = [
     "",
 ]
 
-TCP_LINE_LIMIT = protocol.MAX_REQUEST  # a line this long, LF not counted, is refused
-# socketmap.py accepts a netstring length of up to len(str(MAX_REQUEST)) + 8 digits
-# (leading zeros, as Postfix's reader does); one digit more is a framing error.
-NETSTRING_MAX_DIGITS = len(str(socketmap.MAX_REQUEST)) + 8
+TCP_LINE_LIMIT = protocol.MAX_REQUEST  # a line this long, LF not counted, is dropped
+# socketmap.py accepts a netstring length of up to MAX_DIGITS digits (leading zeros,
+# as Postfix's reader does); one digit more is a framing error.
+NETSTRING_MAX_DIGITS = socketmap.MAX_DIGITS
 EXAMPLE_TIMEOUT = 10.0  # one example's replies, however long its lines
 
 FUZZ = settings(
@@ -200,16 +200,30 @@ def expected_tcp(line: bytes) -> tuple[int, bytes | None]:
     return 400, None
 
 
+def tcp_refusal(stream: bytes) -> bytes | None:
+    """The one reply before the hang-up if STREAM cannot start a tcp_table request, else None.
+
+    Its first three bytes must begin "get" or "put"; a digit first looks like socketmap.
+    """
+    first = stream[:3]
+    if b"get".startswith(first) or b"put".startswith(first):
+        return None
+    return sessions.TO_SOCKETMAP_CLIENT if first[:1].isdigit() else sessions.TO_OTHER_CLIENT
+
+
 def expected_tcp_stream(stream: bytes) -> list[tuple[int, bytes | None]]:
-    """The replies to a whole stream followed by EOF; an over-long line ends it with 400."""
-    *lines, tail = stream.split(b"\n")
+    """The replies to a whole stream that starts as a request, followed by EOF.
+
+    A line of TCP_LINE_LIMIT bytes or more is dropped, and answered at its LF: 500 for a
+    get (no table has such a key), else 400; a last line without LF gets nothing.
+    """
+    *lines, _ = stream.split(b"\n")
     replies: list[tuple[int, bytes | None]] = []
     for line in lines:
         if len(line) >= TCP_LINE_LIMIT:
-            return [*replies, (400, b"request line too long")]
-        replies.append(expected_tcp(line))
-    if len(tail) >= TCP_LINE_LIMIT:
-        replies.append((400, b"request line too long"))
+            replies.append((500, None) if line[:4] == b"get " else (400, b"request line too long"))
+        else:
+            replies.append(expected_tcp(line))
     return replies
 
 
@@ -217,8 +231,8 @@ def frame_netstrings(stream: bytes) -> tuple[list[bytes], bool]:
     """(complete payloads, framing error?) for a socketmap request stream.
 
     A netstring is ``digits ':' payload ','``; a non-digit in the length, an empty or
-    over-long length, a length over MAX_REQUEST or a missing ',' cannot be recovered
-    from: the server hangs up after answering what came before.
+    over-long length or a missing ',' cannot be recovered from: the server hangs up
+    after answering what came before. A payload over MAX_REQUEST is no error.
     """
     payloads: list[bytes] = []
     position = 0
@@ -231,8 +245,6 @@ def frame_netstrings(stream: bytes) -> tuple[list[bytes], bool]:
         if colon == -1:
             return payloads, False  # the length is still arriving
         length = int(digits)
-        if length > socketmap.MAX_REQUEST:
-            return payloads, True
         end = colon + 1 + length
         if len(stream) <= end:
             return payloads, False  # the payload is still arriving
@@ -244,11 +256,16 @@ def frame_netstrings(stream: bytes) -> tuple[list[bytes], bool]:
 
 
 def expected_socketmap(payload: bytes) -> tuple[bytes, bytes | None]:
-    """(status, value) for one request payload: ``name SP key`` with a known map, else PERM."""
+    """(status, value) for one request payload: ``name SP key`` with a known map, else PERM.
+
+    A payload over MAX_REQUEST has a key no table holds: NOTFOUND if its map is known.
+    """
     name, sep, key = payload.partition(b" ")
     table = TABLES.get(name)
     if not sep or not key or table is None:
         return b"PERM", None
+    if len(payload) > socketmap.MAX_REQUEST:
+        return b"NOTFOUND", None
     value = None if b"\x00" in key else table.get(fold(key))
     return (b"OK", value) if value else (b"NOTFOUND", None)
 
@@ -382,8 +399,9 @@ def tcp_streams(draw: st.DrawFn) -> bytes:
 def run_tcp_example(served: Served, pieces: list[bytes]) -> None:
     """Send PIECES on a fresh connection, a control lookup mid-way, then check every reply."""
     stream = b"".join(pieces)
-    expected = expected_tcp_stream(stream)
-    may_be_cut = bool(expected) and expected[-1] == (400, b"request line too long")
+    refusal = tcp_refusal(stream)
+    expected = expected_tcp_stream(stream) if refusal is None else []
+    may_be_cut = refusal is not None
     with Conn(served.tcp_port) as conn:
         half = len(pieces) // 2
         send_pieces(conn.sock, pieces[:half], may_be_cut=may_be_cut, last=False)
@@ -391,7 +409,10 @@ def run_tcp_example(served: Served, pieces: list[bytes]) -> None:
             assert other.ask("relay") == (200, b"smtp:[relay.example.com]:587")
         send_pieces(conn.sock, pieces[half:], may_be_cut=may_be_cut)
         data = read_to_eof(conn.sock, limit=(len(expected) + 1) * protocol.MAX_REPLY)
-    check_tcp_replies(data, expected)
+    if refusal is not None:
+        assert data == refusal
+    else:
+        check_tcp_replies(data, expected)
     assert_still_serving(served)
 
 
@@ -420,7 +441,8 @@ def test_tcp_table_survives_random_bytes(served: Served, data: list[bytes]) -> N
 def test_tcp_table_long_lines_at_the_limit(
     served: Served, before: list[bytes], line: bytes, piece: int
 ) -> None:
-    """Lines around 16 KiB in pieces: up to 16383 bytes answered, longer ones 400 and a hang-up."""
+    """Lines around the limit in pieces: up to it answered as usual, longer ones 500 (get)
+    or 400, and the connection goes on."""
     stream = b"".join(request + b"\n" for request in before) + line + b"\nget relay\n"
     pieces = [stream[start : start + piece] for start in range(0, len(stream), piece)]
     run_tcp_example(served, pieces)
@@ -438,7 +460,7 @@ def test_model_agrees_with_hand_written_cases() -> None:
     assert frame_netstrings(b"3:a b,0003:a b,1") == ([b"a b", b"a b"], False)
     assert frame_netstrings(b"3:a b;") == ([], True)
     assert frame_netstrings(b":") == ([], True)
-    assert frame_netstrings(b"100001:") == ([], True)
+    assert frame_netstrings(b"100001:") == ([], False)
     assert frame_netstrings(b"0" * NETSTRING_MAX_DIGITS) == ([], False)
     assert frame_netstrings(b"0" * (NETSTRING_MAX_DIGITS + 1)) == ([], True)
 
@@ -458,7 +480,7 @@ socketmap_pieces = st.one_of(
     socketmap_requests,
     st.binary(max_size=30).map(socketmap.netstring),  # framed, but maybe not "name key"
     st.binary(max_size=12),  # framing garbage
-    # Around the request size limit: up to MAX_REQUEST bytes answered, one more hangs up.
+    # Around the request size limit: up to MAX_REQUEST bytes looked up, longer NOTFOUND.
     st.builds(
         lambda size: socketmap.netstring(b"virtual " + b"k" * (size - 8)),
         st.integers(socketmap.MAX_REQUEST - 2, socketmap.MAX_REQUEST + 1),
@@ -486,7 +508,8 @@ def test_socketmap_stream_gets_exactly_the_modelled_replies(
     served: Served, stream: list[bytes]
 ) -> None:
     """Any mix of netstrings and garbage, cut anywhere: the modelled replies, well formed."""
-    payloads, framing_error = frame_netstrings(b"".join(stream))
+    whole = b"".join(stream)
+    payloads, framing_error = frame_netstrings(whole)
     expected = [expected_socketmap(payload) for payload in payloads]
     with SocketmapConn(served.socketmap_port) as conn:
         half = len(stream) // 2
@@ -495,7 +518,13 @@ def test_socketmap_stream_gets_exactly_the_modelled_replies(
             assert other.ask(b"virtual", b"RELAY") == (b"OK", b"smtp:[relay.example.com]:587")
         send_pieces(conn.sock, stream[half:], may_be_cut=framing_error)
         data = read_to_eof(conn.sock, limit=(len(expected) + 1) * socketmap.MAX_REPLY)
-    check_socketmap_replies(data, expected)
+    if whole and not whole[:1].isdigit():  # not a netstring from the first byte
+        # Judged on the first read, which holds 1 to 4 of the first bytes.
+        firsts = [whole[:n] for n in range(1, 5)]
+        tcp_like = [socketmap.looks_like_tcp_table(first) for first in firsts]
+        assert data in {sessions.TO_TCP_TABLE_CLIENT if like else b"" for like in tcp_like}
+    else:
+        check_socketmap_replies(data, expected)
     assert_still_serving(served)
 
 
@@ -536,7 +565,9 @@ class Connections(RuleBasedStateMachine):
     @rule(kind=st.sampled_from(["tcp", "socketmap"]))
     def connect(self, kind: str) -> None:
         if kind == "tcp":
-            self.clients.append(Client(kind, tcp=Conn(self.served.tcp_port)))
+            conn = Conn(self.served.tcp_port)
+            assert conn.ask("relay")[0] == 200  # started as tcp_table: later garbage is only 400
+            self.clients.append(Client(kind, tcp=conn))
         else:
             self.clients.append(Client(kind, sm=SocketmapConn(self.served.socketmap_port)))
 

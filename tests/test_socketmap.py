@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from tcpmap_lmdb import socketmap
 from tcpmap_lmdb.maps import Maps
 from tcpmap_lmdb.responder import SocketmapResponder
-from tcpmap_lmdb.sessions import BATCH, SocketmapSession
+from tcpmap_lmdb.sessions import OUTPUT_LIMIT, SocketmapSession
 from tcpmap_lmdb.socketmap import (
     MAX_REPLY,
     MAX_REQUEST,
@@ -30,6 +30,9 @@ from tcpmap_lmdb.socketmap import (
     Lookup,
     NetstringBuffer,
     NetstringError,
+    OverLong,
+    Payload,
+    WrongProtocol,
     netstring,
     parse_request,
 )
@@ -37,15 +40,23 @@ from tcpmap_lmdb.socketmap import (
 STATUS_WORDS = {b"OK", b"NOTFOUND", b"TEMP", b"PERM"}
 
 
-def frame_all(data: bytes) -> list[bytes]:
+def frame_all(data: bytes) -> list[Payload]:
     """Every payload in DATA, fed at once to a fresh buffer."""
     return NetstringBuffer().feed(data)
 
 
-def feed_chunks(chunks: list[bytes], buffer: NetstringBuffer | None = None) -> list[bytes]:
+def feed_chunks(chunks: list[bytes], buffer: NetstringBuffer | None = None) -> list[Payload]:
     """Every payload from feeding CHUNKS in order to one buffer."""
     buffer = buffer or NetstringBuffer()
     return [payload for chunk in chunks for payload in buffer.feed(chunk)]
+
+
+def until_error(buffer: NetstringBuffer, data: bytes) -> tuple[list[Payload], NetstringError]:
+    """The payloads DATA gives before its framing error, and the error."""
+    seen: list[Payload] = []
+    with pytest.raises(NetstringError) as caught:
+        seen.extend(buffer.payloads(data))
+    return seen, caught.value
 
 
 def cut(data: bytes, points: list[int]) -> list[bytes]:
@@ -153,53 +164,63 @@ def test_missing_comma_is_detected_when_it_arrives_byte_by_byte() -> None:
 
 
 def test_length_at_the_limit_is_accepted() -> None:
-    """A payload of exactly MAX_REQUEST bytes is framed."""
+    """A payload of exactly MAX_REQUEST bytes is framed whole."""
     payload = b"m " + b"k" * (MAX_REQUEST - 2)
     assert frame_all(netstring(payload)) == [payload]
 
 
-def test_length_over_the_limit_is_rejected_as_soon_as_it_is_known() -> None:
-    """100001: is refused at its colon, before any of the payload is read."""
+def test_a_longer_payload_is_given_as_its_head_when_its_comma_arrives() -> None:
+    """MAX_REQUEST + 1 bytes: OverLong with the first MAX_REQUEST bytes, no error."""
+    payload = b"m " + b"k" * (MAX_REQUEST - 1)
+    assert frame_all(netstring(payload)) == [OverLong(payload[:MAX_REQUEST])]
+
+
+def test_a_huge_length_is_no_error_and_its_payload_is_not_kept() -> None:
+    """A well-formed netstring of 10 MB: its bytes go as they come, then OverLong; the
+    stream goes on after it."""
     buffer = NetstringBuffer()
-    assert buffer.feed(b"%d" % (MAX_REQUEST + 1)) == []
-    with pytest.raises(NetstringError, match="exceeds"):
-        buffer.feed(b":")
-
-
-def test_leading_zeros_do_not_hide_an_oversize_length() -> None:
-    """0100001: is still 100001 bytes: refused."""
-    with pytest.raises(NetstringError, match="exceeds"):
-        frame_all(b"0%d:" % (MAX_REQUEST + 1))
+    assert buffer.feed(b"010000000:m ") == []
+    for _ in range(99):
+        assert buffer.feed(b"k" * 100_000) == []
+    assert buffer.feed(b"k" * 99_998) == []
+    assert buffer.feed(b"," + netstring(b"m a")) == [
+        OverLong(b"m " + b"k" * (MAX_REQUEST - 2)),
+        b"m a",
+    ]
 
 
 def test_custom_limit_is_enforced() -> None:
-    """NetstringBuffer(limit=5) takes 5-byte payloads and refuses 6."""
+    """NetstringBuffer(limit=5) frames 5-byte payloads; a 6-byte one is OverLong."""
     assert NetstringBuffer(limit=5).feed(b"5:hello,") == [b"hello"]
-    with pytest.raises(NetstringError):
-        NetstringBuffer(limit=5).feed(b"6:")
+    assert NetstringBuffer(limit=5).feed(b"6:hello!,") == [OverLong(b"hello")]
 
 
-def test_payloads_before_a_bad_netstring_are_kept_in_the_error() -> None:
-    """The requests that arrived complete before the garbage are in .payloads, in order."""
-    with pytest.raises(NetstringError) as caught:
-        frame_all(b"3:m a,3:m b,x3:m c,")
-    assert caught.value.payloads == [b"m a", b"m b"]
+@pytest.mark.parametrize("first", [b"get alice\n", b"g", b"x", b":", b"\x16\x03"])
+def test_a_stream_that_cannot_start_a_netstring_is_the_wrong_protocol(first: bytes) -> None:
+    """The first byte must be a digit: anything else is WrongProtocol, at once."""
+    with pytest.raises(WrongProtocol) as caught:
+        NetstringBuffer().feed(first)
+    assert caught.value.first == first[:4]
 
 
-def test_error_without_earlier_payloads_has_an_empty_list() -> None:
-    """A stream that starts bad carries no payloads."""
-    with pytest.raises(NetstringError) as caught:
-        frame_all(b"x")
-    assert caught.value.payloads == []
+def test_a_tcp_table_client_is_named_as_the_likely_mistake() -> None:
+    """'get ...' on a socketmap listener: the message says what it looks like."""
+    with pytest.raises(WrongProtocol, match="looks like a tcp_table client"):
+        NetstringBuffer().feed(b"get alice\n")
 
 
-def test_payloads_returned_by_earlier_feeds_are_not_repeated_in_the_error() -> None:
-    """.payloads holds only what this feed completed: nothing is answered twice."""
+def test_payloads_before_a_bad_netstring_come_out_before_the_error() -> None:
+    """The requests that arrived complete before the garbage are given first, in order."""
+    seen, _ = until_error(NetstringBuffer(), b"3:m a,3:m b,x3:m c,")
+    assert seen == [b"m a", b"m b"]
+
+
+def test_payloads_given_by_earlier_feeds_are_not_repeated() -> None:
+    """Only what this feed completed comes out of it: nothing is answered twice."""
     buffer = NetstringBuffer()
     assert buffer.feed(b"3:m a,3:m") == [b"m a"]
-    with pytest.raises(NetstringError) as caught:
-        buffer.feed(b" b,!")
-    assert caught.value.payloads == [b"m b"]
+    seen, _ = until_error(buffer, b" b,!")
+    assert seen == [b"m b"]
 
 
 # --- every chunking ---------------------------------------------------------------
@@ -224,7 +245,7 @@ def test_every_three_way_split_of_a_stream_frames_the_same() -> None:
 def test_byte_by_byte_stream_frames_the_same() -> None:
     """One byte per feed: each payload comes out exactly when its comma arrives."""
     buffer = NetstringBuffer()
-    out: list[bytes] = []
+    out: list[Payload] = []
     for offset in range(len(STREAM)):
         got = buffer.feed(STREAM[offset : offset + 1])
         if got:
@@ -256,12 +277,12 @@ def test_payloads_before_garbage_survive_any_chunking(
     stream = b"".join(netstring(p) for p in payloads) + garbage
     points = data.draw(st.lists(st.integers(0, len(stream)), max_size=12))
     buffer = NetstringBuffer()
-    seen: list[bytes] = []
-    with pytest.raises(NetstringError) as caught:
+    seen: list[Payload] = []
+    with pytest.raises(NetstringError):
         for chunk in cut(stream, points):
-            seen.extend(buffer.feed(chunk))
-        buffer.feed(b"!")  # garbage that only began a length gets its verdict here
-    assert [*seen, *caught.value.payloads] == payloads
+            seen.extend(buffer.payloads(chunk))
+        seen.extend(buffer.payloads(b"!"))  # garbage that only began a length: its verdict
+    assert seen == payloads
 
 
 # --- requests -------------------------------------------------------------------------
@@ -311,6 +332,7 @@ def test_request_builder_is_what_postfix_sends() -> None:
 def test_request_round_trips(name: bytes, key: bytes) -> None:
     """Framing request(name, key) and parsing it gives back name and key exactly."""
     (payload,) = frame_all(socketmap.request(name, key))
+    assert isinstance(payload, bytes)
     assert parse_request(payload) == Lookup(name, key)
 
 
@@ -593,15 +615,19 @@ def test_session_answers_a_request_split_byte_by_byte(maps: Maps) -> None:
 
 
 def test_session_answers_coalesced_requests_in_batches(maps: Maps) -> None:
-    """Many requests in one read are all answered, at most BATCH per output, in order."""
-    count = BATCH * 2 + 3
+    """Many requests in one read are all answered in order, in outputs of at most
+    OUTPUT_LIMIT bytes."""
+    reply = netstring(b"OK percent")
+    count = 2 * OUTPUT_LIMIT // len(reply)
     outputs = list(
         SocketmapSession(SocketmapResponder(maps)).receive(
             socketmap.request(b"virtual", b"100%") * count
         )
     )
-    assert [requests for _, requests, _ in outputs] == [BATCH, BATCH, 3]
-    assert b"".join(replies for replies, _, _ in outputs) == netstring(b"OK percent") * count
+    assert len(outputs) >= 2
+    assert all(len(replies) <= OUTPUT_LIMIT for replies, _, _ in outputs)
+    assert sum(requests for _, requests, _ in outputs) == count
+    assert b"".join(replies for replies, _, _ in outputs) == reply * count
     assert all(close is None for _, _, close in outputs)
 
 
@@ -610,9 +636,8 @@ def test_session_answers_what_came_before_a_framing_error_then_closes(maps: Maps
     session = SocketmapSession(SocketmapResponder(maps))
     outputs = list(session.receive(socketmap.request(b"virtual", b"100%") + b"bogus"))
     assert b"".join(replies for replies, _, _ in outputs) == netstring(b"OK percent")
-    replies, _, close = outputs[-1]
-    assert close is not None
-    assert replies == b""
+    assert [close is None for _, _, close in outputs[:-1]] == [True] * (len(outputs) - 1)
+    assert outputs[-1][2] is not None
 
 
 def test_responder_reply_for_every_map_state_is_postfix_valid(

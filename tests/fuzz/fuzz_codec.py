@@ -64,6 +64,7 @@ def fuzz_socketmap(chunks: list[bytes]) -> None:
     for chunk in chunks:
         outputs = list(session.receive(chunk))
         for payload in out.feed(b"".join(replies for replies, _, _ in outputs)):
+            assert isinstance(payload, bytes), payload  # no reply is over the limit
             status, _ = socketmap.parse_reply(payload)
             assert status in (b"OK", b"NOTFOUND", b"TEMP", b"PERM"), payload
             assert len(payload) <= socketmap.MAX_REPLY
