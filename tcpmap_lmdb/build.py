@@ -31,11 +31,12 @@ from typing import Literal
 
 import lmdb
 
-from tcpmap_lmdb import bulk, protocol, sources
+from tcpmap_lmdb import __version__, bulk, protocol, sources
 from tcpmap_lmdb.dbformat import (
     MAX_KEY_BYTES,
     META_KEY,
     BuildInfo,
+    count,
     fold,
     stored_key,
     stored_value,
@@ -134,15 +135,21 @@ def _error(table: Loaded, name: str, lineno: int, reason: str) -> None:
 
 
 def write_table(
-    target: Path, records: Records, info: BuildInfo, *, map_size: int | None = None
+    target: Path,
+    records: Records,
+    info: BuildInfo,
+    *,
+    map_size: int | None = None,
+    mode: int | None = None,
 ) -> None:
     """Atomically replace target with an LMDB file holding records and info.
 
     On any failure, KeyboardInterrupt included, the previous target is left as
     it was and the temporary file is removed. map_size is the initial LMDB map
     size (default: estimated from the records); it doubles whenever it is full.
+    mode is the file's mode (default: the old table's, or 0644 less the umask).
     """
-    mode = _publish_mode(target)
+    mode = _publish_mode(target) if mode is None else mode
     _remove_stale_temporaries(target)
     # Named before it exists: a Ctrl-C landing while it is being created still
     # finds it to remove (with mkstemp the name would only be known afterwards).
@@ -221,9 +228,11 @@ def _write_lmdb(path: Path, records: Records, meta: bytes, map_size: int) -> Non
         str(path), subdir=False, lock=False, map_size=map_size, sync=False, metasync=False
     )
     try:
-        keys, values = _in_key_order(records, meta)
+        keys, values = _in_key_order(records)
         for start in range(0, len(keys), BATCH):
             _append(env, keys[start : start + BATCH], values[start : start + BATCH])
+        with env.begin(write=True) as txn:  # not in key order: not with the appends
+            txn.put(META_KEY, meta)
         env.sync(True)
     finally:
         env.close()
@@ -252,13 +261,12 @@ def _append(env: lmdb.Environment, keys: list[bytes], values: list[bytes]) -> No
             env.set_mapsize(map_size * 2)
 
 
-def _in_key_order(records: Records, meta: bytes) -> tuple[list[bytes], list[bytes]]:
-    """All keys and all values, in key order, the build record first."""
-    # META_KEY starts with NUL; every other key is non-empty and NUL-free: it sorts first.
+def _in_key_order(records: Records) -> tuple[list[bytes], list[bytes]]:
+    """All keys and all values, in key order."""
     if isinstance(records, bulk.KeyOrdered):
-        return [META_KEY, *records.keys], [meta, *records.values]
+        return records.keys, records.values
     keys = sorted(records)
-    return [META_KEY, *keys], [meta, *map(records.__getitem__, keys)]
+    return keys, list(map(records.__getitem__, keys))
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -305,15 +313,39 @@ def _arg_parser() -> argparse.ArgumentParser:
         const="first",
         help="duplicate keys: the first value wins, silently (postmap -w)",
     )
+    parser.add_argument(
+        "--mode",
+        type=_octal_mode,
+        metavar="MODE",
+        help="the table's file mode, e.g. 0644 (default: the old table's, else 0644 less the "
+        "umask); the packaged server runs as a dynamic user, who needs it world-readable",
+    )
     parser.add_argument("--check", action="store_true", help="validate only, write nothing")
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.set_defaults(duplicates="warn")
     return parser
+
+
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an octal mode such as 0644") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an octal mode such as 0644")
+    return mode
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _arg_parser()
     args = parser.parse_args(argv)
+    # main.cf's spelling: postmap lmdb:/etc/postfix/virtual builds virtual.lmdb.
+    kind, colon, rest = args.file.partition(":")
+    if colon and kind == "lmdb":
+        args.file = rest
+    elif colon and kind.isalpha() and "/" not in kind and not Path(args.file).exists():
+        parser.error(f"{args.file}: {PROG} builds lmdb: tables only (lmdb:{rest})")
     if args.file == "-" and args.output is None and not args.check:
         parser.error("reading stdin (FILE is -) needs -o PATH")
     return args
@@ -389,11 +421,17 @@ def _build(args: argparse.Namespace) -> int:
         hidden = errors - MAX_REPORTED_ERRORS
         more = f" ({hidden} not shown)" if hidden > 0 else ""
         lines = "line" if errors == 1 else "lines"
+        if syntax == "aliases" and args.format == "auto":
+            print(
+                f"{PROG}: {name}: read as aliases(5) syntax, since its first entry is "
+                '"name: value"; is this a postmap table? Then use --format postmap',
+                file=sys.stderr,
+            )
         print(f"{PROG}: {name}: {errors} bad {lines}{more}; nothing written", file=sys.stderr)
         return 1
     how = f"{syntax} syntax, {'folded' if args.fold else 'not folded'}"
     if args.check:
-        done = f"{name}: {len(records)} records OK ({how})"
+        done = f"{name}: {count(len(records), 'record')} OK ({how})"
     else:
         info = BuildInfo(
             folded=args.fold,
@@ -402,11 +440,27 @@ def _build(args: argparse.Namespace) -> int:
             source="stdin" if name == "stdin" else os.path.abspath(args.file),
             built_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        _publish(target, records, info)
-        done = f"wrote {len(records)} records to {target} ({how})"
+        _publish(target, records, info, args.mode)
+        done = f"wrote {count(len(records), 'record')} to {target} ({how})"
     if not args.quiet:
         print(f"{PROG}: {done}", file=sys.stderr)
+    if not args.check:
+        _warn_unreadable(target)
     return 0
+
+
+def _warn_unreadable(target: Path) -> None:
+    """Warn when others cannot read the table: the packaged tcpmap.service runs as a
+    dynamic user (DynamicUser=yes), so it would defer all the table's mail."""
+    mode = stat.S_IMODE(target.stat().st_mode)
+    if mode & 0o004:
+        return
+    print(
+        f"{PROG}: warning: {target} is mode {mode:04o}: a server running as another user "
+        f"(the packaged tcpmap.service runs as a dynamic user) cannot read it. "
+        f"Run `chmod 644 {target}`, build with --mode 0644, or set umask 022",
+        file=sys.stderr,
+    )
 
 
 def _read(args: argparse.Namespace) -> bytes:
@@ -439,9 +493,9 @@ def _all_fit(records: bulk.KeyOrdered) -> bool:
     return all(check_entry(k[:-1], v[:-1]) is None for k, v in zip(keys, values, strict=True))
 
 
-def _publish(target: Path, records: Records, info: BuildInfo) -> None:
+def _publish(target: Path, records: Records, info: BuildInfo, mode: int | None) -> None:
     try:
-        write_table(target, records, info)
+        write_table(target, records, info, mode=mode)
     except OSError as exc:
         raise _Failed(f"{target}: {exc.strerror or exc}") from exc
     except lmdb.Error as exc:  # e.g. "mdb_txn_commit: No space left on device"

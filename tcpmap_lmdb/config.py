@@ -97,6 +97,14 @@ class Binding:
         return f"tcp_table ({self.map})" if self.map else "tcp_table"
 
 
+# Every --listen spelling, for errors: Postfix's own (inet:, unix:, socketmap:inet:) and ours.
+LISTEN_FORMS = (
+    "HOST:PORT, tcp:HOST:PORT or inet:HOST:PORT (tcp_table, the --db table); "
+    "tcp:HOST:PORT=NAME (tcp_table, map NAME); socketmap:HOST:PORT, socketmap:inet:HOST:PORT, "
+    "socketmap:unix:PATH or unix:PATH (socketmap, every map); [::1]:PORT for IPv6"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ListenSpec:
     """One --listen: where (an inet address or a unix socket path) and what."""
@@ -107,20 +115,42 @@ class ListenSpec:
 
     @classmethod
     def parse(cls, text: str) -> ListenSpec:
-        """HOST:PORT | tcp:HOST:PORT[=NAME] | socketmap:[inet:]HOST:PORT | socketmap:unix:PATH."""
-        if text.startswith(f"{SOCKETMAP}:"):
-            rest = text[len(SOCKETMAP) + 1 :]
-            if rest.startswith("unix:"):
-                if not rest[5:]:
-                    raise ConfigError(f"{text!r}: expected socketmap:unix:PATH")
-                return cls(Binding(SOCKETMAP), path=Path(rest[5:]))
-            # Postfix spells it socketmap:inet:HOST:PORT:NAME; "inet:" is optional here.
+        """One of LISTEN_FORMS; raises ConfigError naming them all.
+
+        Postfix's tcp_table client connects over TCP only, so ``unix:PATH``
+        (master.cf's spelling) can only mean socketmap.
+        """
+        try:
+            return cls._parse(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; accepted forms: {LISTEN_FORMS}") from None
+
+    @classmethod
+    def _parse(cls, text: str) -> ListenSpec:
+        kind, colon, rest = text.partition(":")
+        if kind == "unix" or (kind == SOCKETMAP and rest.startswith("unix:")):
+            path = rest.removeprefix("unix:") if kind == SOCKETMAP else rest
+            if not path:
+                raise ConfigError(f"{text!r}: no socket path")
+            return cls(Binding(SOCKETMAP), path=Path(path))
+        if kind == SOCKETMAP:
             rest = rest.removeprefix("inet:")
+            if rest.count(":") > 1 and not rest.startswith("["):
+                # socketmap:inet:HOST:PORT:NAME is how main.cf names one map of it.
+                raise ConfigError(
+                    f"{text!r}: a socketmap listener serves every map; "
+                    "drop the map name (main.cf's :NAME goes in Postfix, not here)"
+                )
             return cls(Binding(SOCKETMAP), address=Address.parse(rest))
-        rest = text[4:] if text.startswith(f"{TCP_TABLE}:") else text
-        where, sep, name = rest.partition("=")
+        if colon and kind in (TCP_TABLE, "inet"):
+            text_rest = rest
+        elif colon and kind.isalpha() and kind != "localhost" and not rest.isdigit():
+            raise ConfigError(f"{text!r}: unknown listener type {kind!r}")
+        else:
+            text_rest = text
+        where, sep, name = text_rest.partition("=")
         if sep and not name:
-            raise ConfigError(f"{text!r}: expected tcp:HOST:PORT=NAME")
+            raise ConfigError(f"{text!r}: no map name after '='")
         return cls(Binding(TCP_TABLE, name or None), address=Address.parse(where))
 
     def __str__(self) -> str:
@@ -142,6 +172,7 @@ class ServerConfig:
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     fold_keys: bool | None = None  # None: as each table was built
     allow_remote: bool = False
+    verbose: bool = False  # -v: log every lookup
 
     def __post_init__(self) -> None:
         if self.db is None and self.maps is None:

@@ -8,6 +8,7 @@ stored with one trailing NUL, keys folded to lowercase unless built with folding
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,11 +18,71 @@ SUFFIX = ".lmdb"
 # LMDB's default MDB_MAXKEYSIZE, which includes the trailing NUL Postfix stores.
 MAX_KEY_BYTES = 511
 
-# How the build is recorded. The key starts with NUL, and Postfix looks up a
-# C string KEY as "KEY\0" or "KEY", so no Postfix lookup can ever match it
-# (`postmap -s` lists it as an empty key, with the JSON as its value).
-META_KEY = b"\x00tcpmap-lmdb\x00"
+# How the build is recorded. postmap -s and postalias -s print every key up to
+# its first NUL (dict_lmdb_sequence copies it as a C string): this one prints as
+# "#tcpmap-lmdb", so a dump reads back as a comment line, in either syntax, with
+# no warning. The bytes after the NUL keep every lookup away from it: Postfix
+# looks up a C string KEY as "KEY\0" or "KEY" (dict_lmdb.c), never with more.
+META_KEY = b"#tcpmap-lmdb\x00build record"
+# Before 0.2: printed as an empty key ("warning: empty lookup key value is not allowed").
+OLD_META_KEY = b"\x00tcpmap-lmdb\x00"
+META_KEYS = (META_KEY, OLD_META_KEY)
 META_VERSION = 1
+
+# What a file that is not an LMDB table is, from its first 16 bytes: Berkeley DB
+# keeps its magic number at offset 12 (db.h: DB_HASHMAGIC, DB_BTREEMAGIC), in
+# the byte order of the host that wrote it.
+_BERKELEY_DB = {
+    (0x00061561).to_bytes(4, "little"): "hash",
+    (0x00061561).to_bytes(4, "big"): "hash",
+    (0x00053162).to_bytes(4, "little"): "btree",
+    (0x00053162).to_bytes(4, "big"): "btree",
+}
+_LMDB_MAGIC = (0xBEEFC0DE).to_bytes(4, "little")  # mdb.c MDB_MAGIC, at offset 16
+
+
+def table_path(name: str | Path) -> Path:
+    """The table file NAME means, spelt as main.cf names it or as a file.
+
+    ``lmdb:/etc/postfix/virtual`` and ``/etc/postfix/virtual`` mean
+    ``/etc/postfix/virtual.lmdb`` (lmdb_table(5): the file is NAME.lmdb), as
+    does a NAME that does not exist (a table not built yet). A NAME ending in
+    .lmdb, or an existing file without a NAME.lmdb beside it, is that file.
+    """
+    text = str(name).removeprefix("lmdb:")
+    path = Path(text)
+    if text.endswith(SUFFIX):
+        return path
+    beside = Path(text + SUFFIX)
+    if beside.exists() or not path.exists():
+        return beside
+    return path
+
+
+def not_a_table(path: Path, fd: int) -> str:
+    """Why the file at PATH (open on FD) is no LMDB table, and what to do about it."""
+    head = os.pread(fd, 64, 0)
+    if head and b"\x00" not in head:
+        return (
+            f"{path} is a text file, a table source perhaps, not an LMDB table: "
+            f"build one with `tcpmap-build {path}` and serve {path}{SUFFIX}"
+        )
+    # Postfix names the file of hash:NAME or btree:NAME NAME.db: its source is NAME.
+    source = path.with_suffix("") if path.suffix == ".db" else "SOURCE"
+    build = f"build one with `tcpmap-build {source}`"
+    if not head:
+        return f"{path} is empty, not an LMDB table: {build}"
+    kind = _BERKELEY_DB.get(head[12:16])
+    if kind is not None:
+        return f"{path} is a Berkeley DB {kind} file (Postfix's {kind}: type), not LMDB: {build}"
+    if head[16:20] == _LMDB_MAGIC:
+        return f"{path} is an LMDB file this version of LMDB cannot read"
+    return f"{path} is not an LMDB table: {build}"
+
+
+def count(number: int, noun: str) -> str:
+    """ "1 record", "2 records": NOUN must pluralise with an s."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def map_name(path: Path) -> str:

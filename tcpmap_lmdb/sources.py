@@ -248,9 +248,14 @@ def split_alias(text: str) -> tuple[str, str]:
 
 
 def detect_syntax(text: str) -> Syntax:
-    """Guess the syntax from the first logical line: "name: value" means aliases."""
+    """Guess the syntax from the first logical line: "name: value" means aliases,
+    unless the name has a domain, which aliases(5) refuses ("name must be local"):
+    "postmaster@example.com: admin" is a postmap line (postmap warns about it).
+    """
     end = _postmap_key_end(text)
     key, value = text[:end], text[end:].strip(SPACE)
+    if "@" in key.partition(":")[0]:
+        return "postmap"
     if key.endswith(":"):
         return "aliases"
     if not value and 0 < key.find(":") < len(key) - 1:

@@ -23,7 +23,7 @@ from typing import Any
 
 import lmdb
 
-from .dbformat import MAX_KEY_BYTES, META_KEY, BuildInfo, fold
+from .dbformat import MAX_KEY_BYTES, META_KEYS, BuildInfo, count, fold, not_a_table
 from .watch import DirectoryWatch, Watcher, watch
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,8 @@ class Table:
                 max_dbs=0,
                 max_readers=1,
             )
-        except lmdb.Error as exc:
-            raise TableError(f"{path} is not a readable LMDB file: {_reason(exc)}") from None
+        except lmdb.Error:
+            raise TableError(not_a_table(path, fd)) from None
         try:
             # Postfix's rule for every read transaction (lmdb_table(5)): a shared
             # fcntl lock keeps a postmap rewriting the file in place out meanwhile.
@@ -205,7 +205,7 @@ class Table:
     def describe(self) -> str:
         syntax = f"{self.info.syntax} syntax" if self.info else "built by Postfix"
         folding = "folded" if self.folded else "case-sensitive"
-        return f"{self.path}: {self.records} records ({syntax}, {folding})"
+        return f"{self.path}: {count(self.records, 'record')} ({syntax}, {folding})"
 
     def close(self) -> None:
         if self._txn is not None:
@@ -249,7 +249,7 @@ def _check_size(path: Path, env: Any, size: int) -> None:
 
 def _read_info(env: Any) -> BuildInfo | None:
     with env.begin() as txn:
-        raw = txn.get(META_KEY)
+        raw = next(filter(None, map(txn.get, META_KEYS)), None)  # this version's, or 0.1's
     if raw is None:
         return None
     try:
