@@ -31,7 +31,7 @@ from typing import Literal
 
 import lmdb
 
-from tcpmap_lmdb import __version__, bulk, protocol, sources
+from tcpmap_lmdb import __version__, bulk, protocol, socketmap, sources
 from tcpmap_lmdb.dbformat import (
     MAX_KEY_BYTES,
     META_KEY,
@@ -72,17 +72,37 @@ class Loaded:
     errors: int = 0
 
 
-def check_entry(key: bytes, value: bytes) -> str | None:
-    """Why Postfix could not use this (already folded) entry, or None if it can."""
+# --long-values: a socketmap reply is "OK " and the value (socketmap_table(5)).
+_SOCKETMAP_VALUE = socketmap.MAX_REPLY - len(b"OK ")
+
+
+def check_entry(key: bytes, value: bytes, *, long_values: bool = False) -> str | None:
+    """Why Postfix could not use this (already folded) entry, or None if it can.
+
+    With long_values, a value may fill a socketmap reply even if it cannot fit
+    a tcp_table one (the server then answers it 400 on tcp_table).
+    """
     if not key:
         return "empty key"  # postalias accepts '"": x'; no lookup can find it
     if len(stored_key(key)) > MAX_KEY_BYTES:
         return f"key too long: {len(key)} bytes, the LMDB limit is {MAX_KEY_BYTES - 1}"
     if not value:
         return "empty value"  # Postfix daemons treat an empty lookup result as an error
-    if len(value) > _ALWAYS_FITS and not protocol.fits(value):
-        return f"value too long: its tcp_table reply would exceed {protocol.MAX_REPLY} bytes"
+    if long_values:
+        if len(value) > _SOCKETMAP_VALUE:
+            return f"value too long: {len(value)} bytes, a socketmap reply holds {_SOCKETMAP_VALUE}"
+    elif len(value) > _ALWAYS_FITS and not protocol.fits(value):
+        return (
+            f"value too long: its tcp_table reply would exceed {protocol.MAX_REPLY} bytes "
+            "(--long-values allows up to socketmap's limit)"
+        )
     return None
+
+
+def too_long_for_tcp_table(records: Records) -> int:
+    """How many values a tcp_table reply cannot hold (with --long-values)."""
+    values = records.values if isinstance(records, bulk.KeyOrdered) else records.values()
+    return sum(1 for v in values if len(v) > _ALWAYS_FITS + 1 and not protocol.fits(v[:-1]))
 
 
 def load(
@@ -91,6 +111,7 @@ def load(
     *,
     fold_keys: bool = True,
     duplicates: Duplicates = "warn",
+    long_values: bool = False,
 ) -> Loaded:
     """Fold, check and de-duplicate entries; report problems on stderr as NAME:LINE: reason."""
     table = Loaded()
@@ -102,7 +123,7 @@ def load(
                 _report(name, item.lineno, item.reason)
             continue
         key = fold(item.key) if fold_keys else item.key
-        reason = check_entry(key, item.value)
+        reason = check_entry(key, item.value, long_values=long_values)
         if reason is not None:
             _error(table, name, item.lineno, reason)
             continue
@@ -320,6 +341,12 @@ def _arg_parser() -> argparse.ArgumentParser:
         help="the table's file mode, e.g. 0644 (default: the old table's, else 0644 less the "
         "umask); the packaged server runs as a dynamic user, who needs it world-readable",
     )
+    parser.add_argument(
+        "--long-values",
+        action="store_true",
+        help="allow values up to socketmap's 100000-byte reply, for tables served over "
+        "socketmap; tcp_table lookups of longer ones than its 4096-byte reply answer 400",
+    )
     parser.add_argument("--check", action="store_true", help="validate only, write nothing")
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary line")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -439,6 +466,7 @@ def _build(args: argparse.Namespace) -> int:
             records=len(records),
             source="stdin" if name == "stdin" else os.path.abspath(args.file),
             built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            long_values=too_long_for_tcp_table(records) if args.long_values else 0,
         )
         _publish(target, records, info, args.mode)
         done = f"wrote {count(len(records), 'record')} to {target} ({how})"
@@ -478,19 +506,24 @@ def _load(data: bytes, args: argparse.Namespace, name: str) -> tuple[sources.Syn
     syntax, items = sources.parse(io.BytesIO(data), args.format)
     if syntax == "postmap":
         fast = bulk.postmap_records(data, fold_keys=args.fold)
-        if fast is not None and _all_fit(fast):
+        if fast is not None and _all_fit(fast, args.long_values):
             return syntax, fast, 0
-    table = load(items, name, fold_keys=args.fold, duplicates=args.duplicates)
+    table = load(
+        items, name, fold_keys=args.fold, duplicates=args.duplicates, long_values=args.long_values
+    )
     return syntax, table.records, table.errors
 
 
-def _all_fit(records: bulk.KeyOrdered) -> bool:
+def _all_fit(records: bulk.KeyOrdered, long_values: bool) -> bool:
     """Whether check_entry passes every record; in C unless a record is near a limit."""
     keys, values = records.keys, records.values  # stored: with their trailing NUL
     short_keys = max(map(len, keys), default=0) <= MAX_KEY_BYTES
     if short_keys and max(map(len, values), default=0) <= _ALWAYS_FITS + 1:
         return True  # neither is ever empty (KeyOrdered)
-    return all(check_entry(k[:-1], v[:-1]) is None for k, v in zip(keys, values, strict=True))
+    return all(
+        check_entry(k[:-1], v[:-1], long_values=long_values) is None
+        for k, v in zip(keys, values, strict=True)
+    )
 
 
 def _publish(target: Path, records: Records, info: BuildInfo, mode: int | None) -> None:

@@ -125,6 +125,7 @@ class BuildInfo:
     source: str
     built_at: str  # ISO 8601, UTC
     version: int = META_VERSION
+    long_values: int = 0  # values too long for a tcp_table reply (tcpmap-build --long-values)
 
     def encode(self) -> bytes:
         return stored_value(json.dumps(asdict(self), sort_keys=True).encode("utf-8"))
@@ -141,4 +142,5 @@ class BuildInfo:
             records=int(data["records"]),
             source=str(data["source"]),
             built_at=str(data["built_at"]),
+            long_values=int(data.get("long_values", 0)),
         )

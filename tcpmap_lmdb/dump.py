@@ -50,6 +50,8 @@ class Summary:
                 f"keys: {'folded to lowercase' if built.folded else 'case-sensitive (-f)'}",
                 f"records when built: {built.records}",
             ]
+            if built.long_values:
+                out.append(f"values too long for tcp_table: {built.long_values}")
         return out
 
 

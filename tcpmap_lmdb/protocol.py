@@ -208,7 +208,9 @@ NOT_FOUND = reply(500, b"not found")
 READ_ONLY = reply(500, b"put not supported: table is read-only")
 LINE_TOO_LONG = reply(400, b"request line too long")
 # A value stored by other tools that cannot be sent: the mail must wait, not bounce.
-VALUE_TOO_LONG = reply(400, b"value too long for a tcp_table reply")
+VALUE_TOO_LONG = reply(
+    400, b"value too long for a tcp_table reply (4096 bytes): look this map up over socketmap"
+)
 
 
 # --- the client side (tcpmap-query, tests) -------------------------------------

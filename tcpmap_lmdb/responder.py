@@ -20,10 +20,14 @@ Lookup = Callable[[bytes], bytes | None]
 
 
 class Responder:
-    __slots__ = ("_lookup",)
+    """tcp_table requests, answered from one map (NAME, for the log)."""
 
-    def __init__(self, lookup: Lookup) -> None:
+    __slots__ = ("_lookup", "_name", "_warned")
+
+    def __init__(self, lookup: Lookup, name: str = "") -> None:
         self._lookup = lookup
+        self._name = name
+        self._warned = False  # a value too long for tcp_table has been logged
 
     def answer(self, line: bytes) -> bytes:
         """The reply for one request line (without its LF)."""
@@ -46,7 +50,19 @@ class Responder:
             return protocol.temporary("internal error, see the server log")
         if value is None:
             return protocol.NOT_FOUND
-        return protocol.found(value) or protocol.VALUE_TOO_LONG
+        return protocol.found(value) or self._too_long(key, value)
+
+    def _too_long(self, key: bytes, value: bytes) -> bytes:
+        if not self._warned:  # once: each lookup of such a key would log it again
+            self._warned = True
+            log.warning(
+                "map %s: the value of %r (%d bytes) does not fit a tcp_table reply: answered "
+                "400; query this map over socketmap (logged once)",
+                self._name,
+                key,
+                len(value),
+            )
+        return protocol.VALUE_TOO_LONG
 
     def answer_all(self, lines: list[bytes]) -> bytes:
         return b"".join([self.answer(line) for line in lines])

@@ -314,7 +314,7 @@ def session_factory(binding: Binding, maps: Maps, config: ServerConfig) -> Sessi
         return functools.partial(SocketmapSession, SocketmapResponder(maps))
     name = binding.map or config.db_name
     assert name is not None  # ServerConfig.check_binding guarantees a map
-    return functools.partial(TcpTableSession, Responder(_map_lookup(maps, name)))
+    return functools.partial(TcpTableSession, Responder(_map_lookup(maps, name), name))
 
 
 def _map_lookup(maps: Maps, name: str) -> Callable[[bytes], bytes | None]:

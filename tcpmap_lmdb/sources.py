@@ -61,7 +61,7 @@ def logical_lines(lines: Iterable[bytes]) -> Iterator[LogicalLine | Problem]:
     for lineno, raw in enumerate(lines, 1):
         line = raw
         if line.endswith(b"\n"):
-            line = line[:-1].removesuffix(b"\r")  # CRLF files
+            line = line[:-1]  # a CR stays: postmap keeps one inside a continued line
         body = line.lstrip(_SPACE_BYTES)
         if not body or body.startswith(b"#"):
             continue
