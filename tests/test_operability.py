@@ -50,7 +50,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def built(tmp_path: Path) -> Path:
-    """/tmp/.../virtual (the source) built into virtual.lmdb by tcpmap-build."""
+    """TMP/virtual (the source) built into TMP/virtual.lmdb by tcpmap-build."""
     source = tmp_path / "virtual"
     source.write_bytes(SOURCE)
     assert build.main(["-q", str(source)]) == 0
