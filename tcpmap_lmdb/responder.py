@@ -8,6 +8,7 @@ socketmap OK, NOTFOUND, TEMP, and PERM for an unknown map.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from . import protocol, socketmap
@@ -100,6 +101,92 @@ class SocketmapResponder:
         if value is None:
             return socketmap.NOT_FOUND
         return socketmap.ok(value) or socketmap.VALUE_TOO_LONG
+
+    def answer_all(self, payloads: list[bytes]) -> bytes:
+        return b"".join([self.answer(payload) for payload in payloads])
+
+
+# --- -v: one log line per lookup --------------------------------------------------
+# Bound at start instead of Responder/SocketmapResponder, so without -v a lookup
+# pays nothing for it: not even a test of a flag.
+
+_TCP_RESULTS = {b"2": "found", b"5": "not found", b"4": "temporary"}
+_SOCKETMAP_RESULTS = {b"OK": "found", b"NOTFOUND": "not found", b"PERM": "permanent"}
+
+
+class LoggedResponder(Responder):
+    """A tcp_table Responder that logs each request: client, map, key as sent, result, time."""
+
+    __slots__ = ("_inner", "_map", "_peer")
+
+    def __init__(self, inner: Responder, peer: str, map_name: str) -> None:
+        self._inner = inner
+        self._peer = peer
+        self._map = map_name
+
+    def answer(self, line: bytes) -> bytes:
+        started = time.perf_counter_ns()
+        reply = self._inner.answer(line)
+        micros = (time.perf_counter_ns() - started) // 1000
+        key = line[4:] if line.startswith(b"get ") else line  # hex-quoted, as sent
+        result = _TCP_RESULTS.get(reply[:1], "error")
+        if result == "temporary":
+            result = f"temporary: {_decoded_reason(reply)}"
+        log.debug(
+            "%s: tcp_table map %s key %s: %s, %d us",
+            self._peer,
+            self._map,
+            key.decode("ascii", "backslashreplace"),
+            result,
+            micros,
+            extra={"CLIENT": self._peer},
+        )
+        return reply
+
+    def answer_all(self, lines: list[bytes]) -> bytes:
+        return b"".join([self.answer(line) for line in lines])
+
+
+def _decoded_reason(reply: bytes) -> str:
+    try:
+        return protocol.parse_reply(reply.rstrip(b"\n"))[1].decode("utf-8", "replace")
+    except protocol.ProtocolError:
+        return reply.decode("ascii", "replace")
+
+
+class LoggedSocketmapResponder(SocketmapResponder):
+    """A SocketmapResponder that logs each request as LoggedResponder does."""
+
+    __slots__ = ("_inner", "_peer")
+
+    def __init__(self, inner: SocketmapResponder, peer: str) -> None:
+        self._inner = inner
+        self._peer = peer
+
+    def answer(self, payload: bytes) -> bytes:
+        started = time.perf_counter_ns()
+        reply = self._inner.answer(payload)
+        micros = (time.perf_counter_ns() - started) // 1000
+        name, _, key = payload.partition(b" ")
+        reply_payload = reply[reply.index(b":") + 1 : -1]
+        status, _, reason = reply_payload.partition(b" ")
+        result = _SOCKETMAP_RESULTS.get(status)
+        if result is None:
+            result = (
+                f"{status.decode('ascii', 'replace').lower()}: {reason.decode('utf-8', 'replace')}"
+            )
+        elif status == b"PERM":
+            result = f"permanent: {reason.decode('utf-8', 'replace')}"
+        log.debug(
+            "%s: socketmap map %s key %s: %s, %d us",
+            self._peer,
+            name.decode("utf-8", "backslashreplace"),
+            key.decode("utf-8", "backslashreplace"),
+            result,
+            micros,
+            extra={"CLIENT": self._peer},
+        )
+        return reply
 
     def answer_all(self, payloads: list[bytes]) -> bytes:
         return b"".join([self.answer(payload) for payload in payloads])

@@ -25,7 +25,12 @@ from .config import SOCKETMAP, Binding, ServerConfig
 from .dbformat import map_name
 from .listeners import Endpoint, format_address, open_endpoints, remove_socket_files
 from .maps import Maps, UnknownMap
-from .responder import Responder, SocketmapResponder
+from .responder import (
+    LoggedResponder,
+    LoggedSocketmapResponder,
+    Responder,
+    SocketmapResponder,
+)
 from .sessions import Session, SocketmapSession, TcpTableSession
 from .systemd import Notifier
 from .table import TableError
@@ -53,11 +58,7 @@ class Server:
         self._pool = gevent.pool.Pool(config.max_connections)
         self._endpoints = list(endpoints)
         self._servers = [
-            StreamServer(
-                endpoint.sock,
-                _Handler(self, session_factory(endpoint.binding, maps, config)).handle,
-                spawn=self._pool,
-            )
+            StreamServer(endpoint.sock, self._handler(endpoint.binding, maps), spawn=self._pool)
             for endpoint in self._endpoints
         ]
         self._wires: set[_Wire] = set()
@@ -65,6 +66,12 @@ class Server:
         self._stop_requested = gevent.event.Event()
         self.connections = 0
         self.lookups = 0
+
+    def _handler(self, binding: Binding, maps: Maps) -> Callable[[Any, object], None]:
+        """StreamServer's handle for a listener: with -v, one that logs every lookup."""
+        if self._config.verbose:
+            return _LoggedHandler(self, binding, maps, self._config).handle
+        return _Handler(self, session_factory(binding, maps, self._config)).handle
 
     def start(self) -> None:
         _raise_fd_limit(self._config.max_connections)
@@ -173,6 +180,33 @@ class _Handler:
 
     def handle(self, sock: gevent.socket.socket, address: object) -> None:
         self._server._handle(self._new_session, sock, address)
+
+
+class _LoggedHandler:
+    """StreamServer's handle with -v: each connection's session logs its lookups."""
+
+    __slots__ = ("_name", "_responder", "_server")
+
+    def __init__(self, server: Server, binding: Binding, maps: Maps, config: ServerConfig) -> None:
+        self._server = server
+        self._responder: Responder | SocketmapResponder
+        if binding.protocol == SOCKETMAP:
+            self._responder, self._name = SocketmapResponder(maps), ""
+        else:
+            self._name = binding.map or config.db_name or ""
+            self._responder = Responder(_map_lookup(maps, self._name), self._name)
+
+    def handle(self, sock: gevent.socket.socket, address: object) -> None:
+        peer = format_address(address)
+        factory: SessionFactory
+        if isinstance(self._responder, SocketmapResponder):
+            logged = LoggedSocketmapResponder(self._responder, peer)
+            factory = functools.partial(SocketmapSession, logged)
+        else:
+            factory = functools.partial(
+                TcpTableSession, LoggedResponder(self._responder, peer, self._name)
+            )
+        self._server._handle(factory, sock, address)
 
 
 class _Wire:
@@ -322,15 +356,35 @@ def _map_lookup(maps: Maps, name: str) -> Callable[[bytes], bytes | None]:
         return maps.get(name).lookup  # known now: bind to it directly
     except UnknownMap:
         pass
+    # Logged at start and when it appears; once open, its LiveTable logs its changes.
+    log.warning(
+        "a tcp_table listener serves map %s, but there is no %s.lmdb in %s: "
+        "its lookups are answered 400 (mail deferred) until the table is there",
+        name,
+        name,
+        maps.directory,
+    )
+    appeared = [False]
 
     def lookup(key: bytes) -> bytes | None:
         try:
             table = maps.get(name)
         except UnknownMap:
             raise TableError(f"no table {name}.lmdb in {maps.directory}") from None
+        if not appeared[0]:
+            appeared[0] = True
+            log.info("map %s: %s.lmdb is there now, serving it", name, name)
         return table.lookup(key)
 
     return lookup
+
+
+def _check_maps_directory(directory: Path | None) -> None:
+    """Warn at start when --maps names no directory: no map in it can be served."""
+    if directory is None or directory.is_dir():
+        return
+    why = "does not exist" if not directory.exists() else "is not a directory"
+    log.warning("--maps %s %s: no map is served from it until it is created", directory, why)
 
 
 def _loop_watch(directory: Path) -> DirectoryWatch | None:
@@ -372,6 +426,7 @@ def run(config: ServerConfig) -> int:
     tables = {map_name(config.db): config.db} if config.db is not None else {}
     # Each newly published file is walked by a child process before it is
     # served (verify.py); the hub keeps serving the current file meanwhile.
+    _check_maps_directory(config.maps)
     check = verify.in_child(gevent.sleep, forget=lambda: maps.close())  # noqa: PLW0108 - maps is bound below
     maps = Maps(
         tables,

@@ -393,6 +393,14 @@ class LiveTable:
         # in between, the next lookup sees the difference and reopens.
         self._seen = new.signature
         log.info("opened %s", new.describe(), extra={"TABLE": str(self.path)})
+        if new.info is not None and new.info.long_values:
+            log.warning(
+                "%s holds %s too long for a tcp_table reply (tcpmap-build --long-values): "
+                "tcp_table lookups of those keys are answered 400; socketmap answers them",
+                self.path,
+                count(new.info.long_values, "value"),
+                extra={"TABLE": str(self.path)},
+            )
 
     def _drop(self, reason: str) -> None:
         if self._table is not None:

@@ -7,6 +7,7 @@ dump round trip.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from conftest import ROOT, MakeTable, StartServer, raw_items, server_command
+from conftest import ROOT, MakeTable, ServerProcess, StartServer, raw_items, server_command
 from postfix_tools import run_postfix
 
 from tcpmap_lmdb import build, dbformat
@@ -515,3 +516,124 @@ def test_crlf_source_matches_postfix_byte_for_byte(
     assert mine == expected
     if tool == "postmap":
         assert mine[b"k2\0"] == b"v2a\r  v2b\0"
+
+
+# --- logging ----------------------------------------------------------------------------
+
+
+def test_verbose_logs_every_tcp_table_lookup(
+    tmp_path: Path, make_table: MakeTable, server: StartServer
+) -> None:
+    """-v: one line per lookup: client, map, key as sent, result, microseconds."""
+    db = make_table(tmp_path / "virtual.lmdb", {"a b@example.com": "found it"})
+    srv = server(db, "-v")
+    with srv.connect() as conn:
+        assert conn.ask("a b@example.com")[0] == 200
+        assert conn.ask("nobody")[0] == 500
+        client = f"127.0.0.1:{conn.sock.getsockname()[1]}"
+    srv.wait_for_log(rf"{client}: tcp_table map virtual key a%20b@example.com: found, \d+ us$")
+    srv.wait_for_log(rf"{client}: tcp_table map virtual key nobody: not found, \d+ us$")
+
+
+def test_verbose_logs_every_socketmap_lookup(
+    tmp_path: Path, make_table: MakeTable, server: StartServer
+) -> None:
+    """-v on socketmap: the map named in the request, the key, the reason of a PERM."""
+    db = make_table(tmp_path / "virtual.lmdb", {"k": "v"})
+    srv = server(db, "-v", "--listen", "socketmap:127.0.0.1:0")
+    table = f"socketmap:inet:127.0.0.1:{srv.port}"
+    run("tcpmap-query", "-s", f"{table}:virtual", "k")
+    run("tcpmap-query", "-s", f"{table}:nosuch", "k")
+    srv.wait_for_log(r"127\.0\.0\.1:\d+: socketmap map virtual key k: found, \d+ us$")
+    srv.wait_for_log(r"socketmap map nosuch key k: permanent: unknown map 'nosuch', \d+ us$")
+
+
+def test_no_lookup_lines_without_verbose(
+    tmp_path: Path, make_table: MakeTable, server: StartServer
+) -> None:
+    db = make_table(tmp_path / "virtual.lmdb", {"k": "v"})
+    srv = server(db)
+    with srv.connect() as conn:
+        assert conn.ask("k")[0] == 200
+    srv.stop()
+    assert not [line for line in srv.logs if "key k" in line]
+
+
+def test_listener_for_a_missing_map_warns_at_start_and_on_change(
+    tmp_path: Path, make_table: MakeTable, server: StartServer
+) -> None:
+    """tcp:...=virtal (a typo): warned at start; its appearance and loss logged once each."""
+    db = make_table(tmp_path / "virtual.lmdb", {"k": "v"})
+    srv = server(db, "--maps", str(tmp_path), "--listen", "tcp:127.0.0.1:0=virtal")
+    srv.wait_for_log(r"WARNING: a tcp_table listener serves map virtal, but there is no virtal")
+    with srv.connect() as conn:
+        assert conn.ask("k")[0] == 400
+        assert conn.ask("k")[0] == 400
+        make_table(tmp_path / "virtal.lmdb", {"k": "typo"})
+        assert conn.ask("k") == (200, b"typo")
+        srv.wait_for_log(r"map virtal: virtal\.lmdb is there now")
+        since = srv.mark()
+        (tmp_path / "virtal.lmdb").unlink()
+        assert conn.ask("k")[0] == 400
+        assert conn.ask("k")[0] == 400
+    srv.wait_for_log(r"WARNING: table unavailable: .*virtal\.lmdb is missing", since=since)
+    srv.stop()
+    assert sum("no virtal.lmdb" in line for line in srv.logs) == 1, srv.logs
+    assert sum("virtal.lmdb is missing" in line for line in srv.logs) == 1, srv.logs
+
+
+def test_maps_directory_missing_warns_at_start(
+    tmp_path: Path, make_table: MakeTable, server: StartServer
+) -> None:
+    db = make_table(tmp_path / "virtual.lmdb", {"k": "v"})
+    srv = server(db, "--maps", str(tmp_path / "nope"))
+    srv.wait_for_log(rf"WARNING: --maps {tmp_path / 'nope'} does not exist")
+
+
+def test_table_unreadable_by_the_server_user_warns_at_start(
+    tmp_path: Path, make_table: MakeTable
+) -> None:
+    """A 0600 table the server's user cannot read: a warning naming it and the reason."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("runs the server as nobody: needs root and setpriv (util-linux)")
+    db = make_table(tmp_path / "virtual.lmdb", {"k": "v"})
+    db.chmod(0o600)
+    prefix = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    srv = ServerProcess(db, ("--listen", "127.0.0.1:0"), prefix=prefix)
+    try:
+        srv.wait_for_log(rf"WARNING: table unavailable: (cannot open )?{db}: Permission denied")
+    finally:
+        srv.stop()
+
+
+def test_long_values_warned_when_the_table_opens(tmp_path: Path, server: StartServer) -> None:
+    source = tmp_path / "lists"
+    source.write_bytes(b"list " + b"a" * 5000 + b"\n")
+    assert build.main(["-q", "--long-values", str(source)]) == 0
+    srv = server(Path(f"{source}.lmdb"))
+    srv.wait_for_log(r"WARNING: .*lists\.lmdb holds 1 value too long for a tcp_table reply")
+
+
+def test_journal_fields_name_the_mail_facility(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the journal, every entry carries SYSLOG_FACILITY=2 (mail)."""
+    import logging  # noqa: PLC0415
+
+    from tcpmap_lmdb import systemd as sd  # noqa: PLC0415
+
+    st = os.fstat(sys.stderr.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        sd.setup_logging(False)
+        handler = root.handlers[0]
+        assert type(handler).__name__ == "JournalHandler"
+        assert handler._extra["SYSLOG_FACILITY"] == "2"  # type: ignore[attr-defined]
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+
+
+def test_unit_logs_to_the_mail_facility() -> None:
+    unit = (ROOT / "systemd" / "tcpmap.service").read_text()
+    assert "\nSyslogFacility=mail\n" in unit
