@@ -68,32 +68,33 @@ def _port(text: str, whole: str) -> int:
 
 TCP_TABLE = "tcp"
 SOCKETMAP = "socketmap"
+METRICS = "metrics"  # Prometheus /metrics over HTTP, not a map protocol
 
 
 @dataclass(frozen=True, slots=True)
 class Binding:
     """What a listener serves: tcp_table bound to one map, or socketmap (map per request)."""
 
-    protocol: str  # TCP_TABLE or SOCKETMAP
+    protocol: str  # TCP_TABLE, SOCKETMAP or METRICS
     map: str | None = None  # tcp_table only; None: the --db table
 
     @classmethod
     def from_fd_name(cls, name: str) -> Binding:
         """The binding of a socket systemd passed, from its FileDescriptorName=.
 
-        ``socketmap`` serves socketmap; ``tcp=NAME`` serves tcp_table from map
-        NAME; any other name (``tcp_table``, the unit's name) serves tcp_table
-        from the --db table.
+        ``socketmap`` serves socketmap; ``metrics`` serves Prometheus metrics;
+        ``tcp=NAME`` serves tcp_table from map NAME; any other name
+        (``tcp_table``, the unit's name) serves tcp_table from the --db table.
         """
-        if name == SOCKETMAP:
-            return cls(SOCKETMAP)
+        if name in (SOCKETMAP, METRICS):
+            return cls(name)
         if name.startswith("tcp="):
             return cls(TCP_TABLE, name[4:])
         return cls(TCP_TABLE)
 
     def __str__(self) -> str:
-        if self.protocol == SOCKETMAP:
-            return "socketmap"
+        if self.protocol in (SOCKETMAP, METRICS):
+            return self.protocol
         return f"tcp_table ({self.map})" if self.map else "tcp_table"
 
 
@@ -101,7 +102,8 @@ class Binding:
 LISTEN_FORMS = (
     "HOST:PORT, tcp:HOST:PORT or inet:HOST:PORT (tcp_table, the --db table); "
     "tcp:HOST:PORT=NAME (tcp_table, map NAME); socketmap:HOST:PORT, socketmap:inet:HOST:PORT, "
-    "socketmap:unix:PATH or unix:PATH (socketmap, every map); [::1]:PORT for IPv6"
+    "socketmap:unix:PATH or unix:PATH (socketmap, every map); "
+    "metrics:HOST:PORT (Prometheus /metrics); [::1]:PORT for IPv6"
 )
 
 
@@ -133,6 +135,8 @@ class ListenSpec:
             if not path:
                 raise ConfigError(f"{text!r}: no socket path")
             return cls(Binding(SOCKETMAP), path=Path(path))
+        if kind == METRICS:
+            return cls(Binding(METRICS), address=Address.parse(rest.removeprefix("inet:")))
         if kind == SOCKETMAP:
             rest = rest.removeprefix("inet:")
             if rest.count(":") > 1 and not rest.startswith("["):
@@ -193,6 +197,8 @@ class ServerConfig:
 
     def check_binding(self, binding: Binding, where: str) -> None:
         """Raise ConfigError if BINDING cannot be served with these tables."""
+        if binding.protocol == METRICS:
+            return
         if binding.protocol == TCP_TABLE and binding.map is None and self.db is None:
             raise ConfigError(f"{where}: a tcp_table listener needs --db, or a map: tcp:...=NAME")
         if binding.map is not None and self.maps is None and binding.map != self.db_name:

@@ -21,7 +21,14 @@ import greenlet
 from gevent.server import StreamServer
 
 from . import verify
-from .config import SOCKETMAP, Binding, ServerConfig
+from .config import METRICS, SOCKETMAP, Binding, ServerConfig
+from .counters import (
+    CheckStats,
+    LookupStats,
+    MeteredResponder,
+    MeteredSocketmapResponder,
+    ServerStats,
+)
 from .dbformat import map_name
 from .listeners import Endpoint, format_address, open_endpoints, remove_socket_files
 from .maps import Maps, UnknownMap
@@ -53,14 +60,28 @@ class _Stopping(Exception):
 class Server:
     """Serves the maps on the given endpoints, each with its own protocol."""
 
-    def __init__(self, config: ServerConfig, maps: Maps, endpoints: Iterable[Endpoint]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        maps: Maps,
+        endpoints: Iterable[Endpoint],
+        checks: CheckStats | None = None,
+    ) -> None:
         self._config = config
         self._pool = gevent.pool.Pool(config.max_connections)
         self._endpoints = list(endpoints)
-        self._servers = [
+        self.stats = ServerStats()
+        metrics = [e for e in self._endpoints if e.binding.protocol == METRICS]
+        # Lookups are counted only when someone can read the counts.
+        self.lookup_stats = LookupStats() if metrics else None
+        self._servers: list[StreamServer] = [
             StreamServer(endpoint.sock, self._handler(endpoint.binding, maps), spawn=self._pool)
             for endpoint in self._endpoints
+            if endpoint.binding.protocol != METRICS
         ]
+        if metrics:
+            self._servers += self._metrics_servers(metrics, maps, checks or CheckStats())
+        self._endpoints = [e for e in self._endpoints if e.binding.protocol != METRICS] + metrics
         self._wires: set[_Wire] = set()
         self._stopping = False
         self._stop_requested = gevent.event.Event()
@@ -69,9 +90,24 @@ class Server:
 
     def _handler(self, binding: Binding, maps: Maps) -> Callable[[Any, object], None]:
         """StreamServer's handle for a listener: with -v, one that logs every lookup."""
+        responder = _responder(binding, maps, self._config, self.lookup_stats)
         if self._config.verbose:
-            return _LoggedHandler(self, binding, maps, self._config).handle
-        return _Handler(self, session_factory(binding, maps, self._config)).handle
+            return _LoggedHandler(self, responder, binding.map or self._config.db_name).handle
+        if isinstance(responder, SocketmapResponder):
+            return _Handler(self, functools.partial(SocketmapSession, responder)).handle
+        return _Handler(self, functools.partial(TcpTableSession, responder)).handle
+
+    def _metrics_servers(
+        self, endpoints: list[Endpoint], maps: Maps, checks: CheckStats
+    ) -> list[StreamServer]:
+        from . import metrics  # noqa: PLC0415 - prometheus_client only when asked for
+
+        assert self.lookup_stats is not None
+        collector = metrics.TcpmapCollector(
+            self.lookup_stats, checks, self.stats, lambda: self.connections, maps
+        )
+        registry = metrics.registry(collector)
+        return [metrics.wsgi_server(endpoint.sock, registry) for endpoint in endpoints]
 
     def start(self) -> None:
         _raise_fd_limit(self._config.max_connections)
@@ -108,6 +144,8 @@ class Server:
         self, new_session: SessionFactory, gsock: gevent.socket.socket, address: object
     ) -> None:
         self.connections += 1
+        self.stats.accepted += 1
+        reason = "shutdown"  # why it closes (tcpmap_connections_closed_total)
         session = new_session()
         wire = _Wire(socket.socket(fileno=gsock.detach()))
         watch = _IdleWatch(self._config.idle_timeout)
@@ -122,15 +160,21 @@ class Server:
                     continue  # not idle after all: the watch is re-armed, read on
                 except _Stopping:
                     break
-                if not data or not self._serve(wire, address, session, data, watch):
+                if not data:
+                    reason = "client"
+                    return
+                if not self._serve(wire, address, session, data, watch):
+                    reason = "error"
                     return
             # Shutting down: answer requests that already arrived, then close.
             pending = wire.pending()
             if pending:
                 self._serve(wire, address, session, pending, watch)
         except _IdleTimeout:  # silent, or not reading its replies
+            reason = "idle"
             log.debug("%s: idle for %ss, closing", format_address(address), watch.idle)
         except OSError as exc:
+            reason = "error"
             log.debug("%s: %s", format_address(address), exc)
         except _Stopping:
             pass  # the kill landed while a reply was being sent: the connection just closes
@@ -139,6 +183,7 @@ class Server:
             watch.close()
             wire.close()
             self.connections -= 1
+            self.stats.closed[reason] += 1
 
     def _serve(
         self,
@@ -187,14 +232,12 @@ class _LoggedHandler:
 
     __slots__ = ("_name", "_responder", "_server")
 
-    def __init__(self, server: Server, binding: Binding, maps: Maps, config: ServerConfig) -> None:
+    def __init__(
+        self, server: Server, responder: Responder | SocketmapResponder, name: str | None
+    ) -> None:
         self._server = server
-        self._responder: Responder | SocketmapResponder
-        if binding.protocol == SOCKETMAP:
-            self._responder, self._name = SocketmapResponder(maps), ""
-        else:
-            self._name = binding.map or config.db_name or ""
-            self._responder = Responder(_map_lookup(maps, self._name), self._name)
+        self._responder = responder
+        self._name = name or ""
 
     def handle(self, sock: gevent.socket.socket, address: object) -> None:
         peer = format_address(address)
@@ -342,13 +385,17 @@ def _send_all(wire: _Wire, data: bytes, watch: _IdleWatch) -> None:
         rest = memoryview(rest)[sent:] if sent < len(rest) else b""
 
 
-def session_factory(binding: Binding, maps: Maps, config: ServerConfig) -> SessionFactory:
-    """New sessions for a listener: socketmap, or tcp_table bound to one map."""
+def _responder(
+    binding: Binding, maps: Maps, config: ServerConfig, stats: LookupStats | None
+) -> Responder | SocketmapResponder:
+    """A listener's responder: socketmap, or tcp_table bound to one map; metered with STATS."""
     if binding.protocol == SOCKETMAP:
-        return functools.partial(SocketmapSession, SocketmapResponder(maps))
+        responder = SocketmapResponder(maps)
+        return responder if stats is None else MeteredSocketmapResponder(responder, stats)
     name = binding.map or config.db_name
     assert name is not None  # ServerConfig.check_binding guarantees a map
-    return functools.partial(TcpTableSession, Responder(_map_lookup(maps, name), name))
+    tcp = Responder(_map_lookup(maps, name), name)
+    return tcp if stats is None else MeteredResponder(tcp, stats, name)
 
 
 def _map_lookup(maps: Maps, name: str) -> Callable[[bytes], bytes | None]:
@@ -427,7 +474,8 @@ def run(config: ServerConfig) -> int:
     # Each newly published file is walked by a child process before it is
     # served (verify.py); the hub keeps serving the current file meanwhile.
     _check_maps_directory(config.maps)
-    check = verify.in_child(gevent.sleep, forget=lambda: maps.close())  # noqa: PLW0108 - maps is bound below
+    checks = CheckStats()
+    check = checks.counting(verify.in_child(gevent.sleep, forget=lambda: maps.close()))  # noqa: PLW0108 - maps is bound below
     maps = Maps(
         tables,
         config.maps,
@@ -439,7 +487,7 @@ def run(config: ServerConfig) -> int:
     )
     maps.open_all()  # open and warm before READY: a cold first lookup stalls the hub
     endpoints = open_endpoints(config)
-    server = Server(config, maps, endpoints)
+    server = Server(config, maps, endpoints, checks)
     gevent.signal_handler(signal.SIGTERM, server.request_stop)
     gevent.signal_handler(signal.SIGINT, server.request_stop)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(_reload, server, maps, notifier))
@@ -486,6 +534,7 @@ def _watchdog(notifier: Notifier, interval: float) -> None:
 def _reload(server: Server, maps: Maps, notifier: Notifier) -> None:
     paths = [str(live.path) for _, live in maps] or [f"{maps.directory}/*.lmdb"]
     log.info("SIGHUP: re-opening %s", ", ".join(paths))
+    server.stats.reloads += 1
     notifier.reloading()
     maps.refresh_all(force=True)
     maps.open_all()

@@ -26,7 +26,8 @@ BUDGET = 600.0  # seconds for the whole test: builds, debootstrap, boot and chec
 SUITE = "bookworm"
 # systemd, the package's dependencies and Postfix: the container has no network.
 PACKAGES = (
-    "systemd,systemd-sysv,dbus,python3,python3-gevent,python3-lmdb,python3-systemd,procps,"
+    "systemd,systemd-sysv,dbus,python3,python3-gevent,python3-lmdb,python3-systemd,"
+    "python3-prometheus-client,procps,"
     "postfix,postfix-lmdb,iproute2"
 )
 CACHE = Path("/var/cache/tcpmap-test")
