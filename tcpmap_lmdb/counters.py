@@ -1,100 +1,58 @@
-"""What the server counts for its metrics: plain ints on the hot path, no library.
+"""What the server counts for its metrics, as plain ints: metrics.py reads them at scrape.
 
-Bound only when a metrics listener is configured (server.py): without one a
-lookup runs no line of this. metrics.py reads these at scrape time.
+The responders count their replies themselves (responder.py). What is here is
+bound only when a metrics listener is configured (server.py): without one a
+lookup runs no line of it.
 """
 
 from __future__ import annotations
 
-import bisect
 import time
+from math import frexp
 from pathlib import Path
 
 from .dbformat import map_name
-from .responder import Responder, SocketmapResponder
 from .table import Checker
 
-# Upper bounds of the latency buckets, in seconds: a lookup inside the server
-# takes some microseconds; the top ones catch a stalled hub.
-BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1, 1.0)
-_BOUNDS_NS = tuple(round(bound * 1e9) for bound in BUCKETS)
-
-# Results by the first byte of a reply: tcp_table's status digit, socketmap's status word.
-TCP_RESULTS = {ord("2"): "found", ord("5"): "notfound", ord("4"): "temporary"}
-SOCKETMAP_RESULTS = {
-    ord("O"): "found",
-    ord("N"): "notfound",
-    ord("T"): "temporary",
-    ord("P"): "permanent",
-}
+# Latency buckets are powers of two seconds: a duration's bucket is the binary
+# exponent math.frexp gives, one C call, where a search of decimal bounds costs
+# as much as all of a lookup's accounting should. 2**-18 s = 3.8 us ... 2**0 = 1 s.
+LOW_EXPONENT, HIGH_EXPONENT = -18, 0
+BUCKETS = tuple(2.0**e for e in range(LOW_EXPONENT, HIGH_EXPONENT + 1))  # upper bounds, seconds
+LATENCY_OFFSET = 1100  # frexp exponents of positive doubles are -1073 ... 1024
 # Connection close reasons (tcpmap_connections_closed_total{reason}).
 CLOSE_REASONS = ("client", "idle", "limit", "error", "shutdown")
 
 
-class LookupStats:
-    """What the hot path counts: lookups by map and result, and their latency."""
+class Latency:
+    """A histogram of durations in seconds, kept in plain-int buckets by binary exponent."""
 
-    __slots__ = ("buckets", "socketmap", "sum_ns", "tcp")
+    __slots__ = ("by_exponent", "sum")
 
     def __init__(self) -> None:
-        self.tcp: dict[str, list[int]] = {}  # map -> counts by the reply's first byte
-        self.socketmap: dict[tuple[bytes, int], int] = {}  # (map, status byte) -> count
-        self.buckets = [0] * (len(_BOUNDS_NS) + 1)  # the last: over the top bound
-        self.sum_ns = 0
+        # by_exponent[LATENCY_OFFSET + e]: durations d with frexp(d)[1] == e: d < 2**e.
+        self.by_exponent = [0] * (2 * LATENCY_OFFSET)
+        self.sum = 0.0
 
-    def tcp_counts(self, name: str) -> list[int]:
-        return self.tcp.setdefault(name, [0] * 256)
+    def observe_seconds(self, elapsed: float, count: int = 1) -> None:
+        """COUNT requests took ELAPSED seconds (0 or less: the lowest bucket)."""
+        self.by_exponent[LATENCY_OFFSET + frexp(elapsed)[1]] += count
+        self.sum += elapsed * count
 
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound in seconds, observations at or below it), then (inf, all).
 
-class MeteredResponder(Responder):
-    """A tcp_table Responder that counts each lookup and times it (bound only with metrics)."""
-
-    __slots__ = ("_counts", "_inner", "_stats")
-
-    def __init__(self, inner: Responder, stats: LookupStats, map_name: str) -> None:
-        self._inner = inner
-        self._stats = stats
-        self._counts = stats.tcp_counts(map_name)
-
-    def answer(self, line: bytes) -> bytes:
-        started = time.perf_counter_ns()
-        reply = self._inner.answer(line)
-        elapsed = time.perf_counter_ns() - started
-        self._counts[reply[0]] += 1
-        stats = self._stats
-        stats.buckets[bisect.bisect_left(_BOUNDS_NS, elapsed)] += 1
-        stats.sum_ns += elapsed
-        return reply
-
-    def answer_all(self, lines: list[bytes]) -> bytes:
-        return b"".join([self.answer(line) for line in lines])
-
-
-class MeteredSocketmapResponder(SocketmapResponder):
-    """A SocketmapResponder that counts and times each lookup, by the map it names."""
-
-    __slots__ = ("_inner", "_stats")
-
-    def __init__(self, inner: SocketmapResponder, stats: LookupStats) -> None:
-        self._inner = inner
-        self._stats = stats
-
-    def answer(self, payload: bytes) -> bytes:
-        started = time.perf_counter_ns()
-        reply = self._inner.answer(payload)
-        elapsed = time.perf_counter_ns() - started
-        status = reply[reply.index(b":") + 1]
-        # A PERM names a map that is not there: counted without the client's name for it.
-        name = payload.partition(b" ")[0] if status != ord("P") else b""
-        counts = self._stats.socketmap
-        counts[name, status] = counts.get((name, status), 0) + 1
-        stats = self._stats
-        stats.buckets[bisect.bisect_left(_BOUNDS_NS, elapsed)] += 1
-        stats.sum_ns += elapsed
-        return reply
-
-    def answer_all(self, payloads: list[bytes]) -> bytes:
-        return b"".join([self.answer(payload) for payload in payloads])
+        frexp(d)[1] == e means d < 2**e: each one counts under the bound 2**e.
+        """
+        below = sum(self.by_exponent[: LATENCY_OFFSET + LOW_EXPONENT + 1])
+        out = [(BUCKETS[0], below)]
+        for exponent, bound in zip(
+            range(LOW_EXPONENT + 1, HIGH_EXPONENT + 1), BUCKETS[1:], strict=True
+        ):
+            below += self.by_exponent[LATENCY_OFFSET + exponent]
+            out.append((bound, below))
+        out.append((float("inf"), sum(self.by_exponent)))
+        return out
 
 
 class CheckStats:

@@ -27,7 +27,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from .counters import BUCKETS, SOCKETMAP_RESULTS, TCP_RESULTS, CheckStats, LookupStats, ServerStats
+from .counters import CheckStats, Latency, ServerStats
+from .responder import Responder, SocketmapResponder
 
 if TYPE_CHECKING:
     from .maps import Maps
@@ -42,13 +43,16 @@ class TcpmapCollector(Collector):
 
     def __init__(
         self,
-        lookups: LookupStats,
+        *,
+        responders: list[Responder | SocketmapResponder],
+        latency: Latency,
         checks: CheckStats,
         server: ServerStats,
         open_connections: Callable[[], int],
         maps: Maps,
     ) -> None:
-        self._lookups = lookups
+        self._responders = responders
+        self._latency = latency
         self._checks = checks
         self._server = server
         self._open = open_connections
@@ -59,29 +63,46 @@ class TcpmapCollector(Collector):
         yield from self._connection_metrics()
         yield from self._table_metrics()
 
+    def _lookup_counts(self) -> dict[tuple[str, str, str], int]:
+        """(map, protocol, result) -> lookups, summed over the listeners."""
+        counts: dict[tuple[str, str, str], int] = {}
+
+        def add(key: tuple[str, str, str], count: int) -> None:
+            counts[key] = counts.get(key, 0) + count
+
+        for responder in self._responders:
+            if isinstance(responder, SocketmapResponder):
+                for result in ("found", "notfound", "temporary"):
+                    for name, count in getattr(responder, result).items():
+                        add((name, "socketmap", result), count)
+                add(("", "socketmap", "permanent"), responder.permanent)
+            else:
+                name = responder.map_name
+                for result in ("found", "notfound", "temporary"):
+                    add((name, "tcp_table", result), getattr(responder, result))
+        return counts
+
     def _lookup_metrics(self) -> Iterator[Any]:
         lookups = CounterMetricFamily(
             "tcpmap_lookups",
-            "Lookups answered, by map, protocol and result.",
+            "Lookups answered, by map, protocol and result (permanent: unknown map or bad "
+            "request, map left empty).",
             labels=("map", "protocol", "result"),
         )
-        for name, counts in sorted(self._lookups.tcp.items()):
-            for byte, result in TCP_RESULTS.items():
-                lookups.add_metric((name, "tcp_table", result), counts[byte])
-        for (raw, byte), count in sorted(self._lookups.socketmap.items()):
-            name = raw.decode("utf-8", "replace")
-            lookups.add_metric((name, "socketmap", SOCKETMAP_RESULTS.get(byte, "error")), count)
+        for labels, count in sorted(self._lookup_counts().items()):
+            lookups.add_metric(labels, count)
         yield lookups
-        cumulative, buckets = 0, []
-        for bound, count in zip((*BUCKETS, float("inf")), self._lookups.buckets, strict=True):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
         histogram = HistogramMetricFamily(
             "tcpmap_lookup_duration_seconds",
-            "Time from a request read to its reply ready, inside the server.",
+            "From a request read to its reply sent, inside the server (per read: requests "
+            "pipelined in one read share its time).",
             labels=(),
         )
-        histogram.add_metric((), buckets, self._lookups.sum_ns / 1e9)
+        buckets = [
+            ("+Inf" if bound == float("inf") else repr(bound), count)
+            for bound, count in self._latency.cumulative()
+        ]
+        histogram.add_metric((), buckets, self._latency.sum)
         yield histogram
 
     def _connection_metrics(self) -> Iterator[Any]:

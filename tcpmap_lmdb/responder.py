@@ -21,39 +21,59 @@ Lookup = Callable[[bytes], bytes | None]
 
 
 class Responder:
-    """tcp_table requests, answered from one map (NAME, for the log)."""
+    """tcp_table requests, answered from one map (NAME, for the log).
 
-    __slots__ = ("_lookup", "_name", "_warned")
+    Counts its replies by result in plain ints (found, notfound, temporary)
+    for the metrics, which read them at scrape time: an increment is all a
+    lookup pays for them.
+    """
+
+    __slots__ = ("_lookup", "_name", "_warned", "found", "notfound", "temporary")
 
     def __init__(self, lookup: Lookup, name: str = "") -> None:
         self._lookup = lookup
         self._name = name
         self._warned = False  # a value too long for tcp_table has been logged
+        self.found = self.notfound = self.temporary = 0
 
-    def answer(self, line: bytes) -> bytes:
+    @property
+    def map_name(self) -> str:
+        return self._name
+
+    def answer(self, line: bytes) -> bytes:  # noqa: PLR0911 - a return per reply, each counted
         """The reply for one request line (without its LF)."""
         key = protocol.plain_get(line)
         if key is None:  # anything but a plain "get KEY": the full parser
             try:
                 request = protocol.parse_request(line)
             except protocol.ProtocolError as exc:
+                self.temporary += 1
                 return protocol.temporary(str(exc))
             if isinstance(request, protocol.Put):
+                self.notfound += 1
                 return protocol.READ_ONLY
             key = request.key
         try:
             value = self._lookup(key)
         except TableError as exc:
+            self.temporary += 1
             return protocol.temporary(str(exc))
         except Exception:
             # An internal fault must defer the mail (400), never bounce it (500).
             log.exception("lookup of %r failed", key)
+            self.temporary += 1
             return protocol.temporary("internal error, see the server log")
         if value is None:
+            self.notfound += 1
             return protocol.NOT_FOUND
-        return protocol.found(value) or self._too_long(key, value)
+        reply = protocol.found(value)
+        if reply is None:
+            return self._too_long(key, value)
+        self.found += 1
+        return reply
 
     def _too_long(self, key: bytes, value: bytes) -> bytes:
+        self.temporary += 1
         if not self._warned:  # once: each lookup of such a key would log it again
             self._warned = True
             log.warning(
@@ -76,31 +96,53 @@ class SocketmapResponder:
     so Postfix defers the mail and retries.
     """
 
-    __slots__ = ("_maps",)
+    __slots__ = ("_maps", "found", "notfound", "permanent", "temporary")
 
     def __init__(self, maps: Maps) -> None:
         self._maps = maps
+        # Replies by result, for the metrics: by map name, but PERM (an unknown
+        # map, a bad request): a client could make up any number of names.
+        self.found: dict[str, int] = {}
+        self.notfound: dict[str, int] = {}
+        self.temporary: dict[str, int] = {}
+        self.permanent = 0
 
-    def answer(self, payload: bytes) -> bytes:
+    def answer(self, payload: bytes) -> bytes:  # noqa: PLR0911 - a return per reply, each counted
         """The reply netstring for one request payload."""
         try:
             request = socketmap.parse_request(payload)
         except socketmap.BadRequest as exc:
+            self.permanent += 1
             return socketmap.permanent(f"bad request: {exc}")
         name = request.name.decode("utf-8", "replace")
         try:
             table = self._maps.get(name)
             value = table.lookup(request.key) if b"\x00" not in request.key else None
         except UnknownMap:
+            self.permanent += 1
             return socketmap.permanent(f"unknown map {name!r}")
         except TableError as exc:
+            self._count(self.temporary, name)
             return socketmap.temporary(str(exc))
         except Exception:
             log.exception("socketmap lookup of %r in %s failed", request.key, name)
+            self._count(self.temporary, name)
             return socketmap.temporary("internal error, see the server log")
         if value is None:
+            counts = self.notfound
+            counts[name] = counts.get(name, 0) + 1
             return socketmap.NOT_FOUND
-        return socketmap.ok(value) or socketmap.VALUE_TOO_LONG
+        reply = socketmap.ok(value)
+        if reply is None:
+            self._count(self.temporary, name)
+            return socketmap.VALUE_TOO_LONG
+        counts = self.found
+        counts[name] = counts.get(name, 0) + 1
+        return reply
+
+    @staticmethod
+    def _count(counts: dict[str, int], name: str) -> None:
+        counts[name] = counts.get(name, 0) + 1
 
     def answer_all(self, payloads: list[bytes]) -> bytes:
         return b"".join([self.answer(payload) for payload in payloads])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -226,3 +228,15 @@ def test_no_prometheus_client_without_a_metrics_listener() -> None:
         "assert 'prometheus_client' not in sys.modules, 'imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_dashboard_uses_only_metrics_we_serve(metered: tuple[ServerProcess, int]) -> None:
+    """Every tcpmap_* series the Grafana dashboard queries is in a scrape."""
+    _, port = metered
+    dashboard = Path(__file__).resolve().parent.parent / "examples" / "grafana-dashboard.json"
+    panels = json.loads(dashboard.read_text())["panels"]
+    exprs = [target["expr"] for panel in panels for target in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\btcpmap_\w+", expr)}
+    served = {name for name, _ in scrape(port)}
+    assert used - served == set()
+    assert len(used) >= 14
