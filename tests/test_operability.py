@@ -637,3 +637,23 @@ def test_journal_fields_name_the_mail_facility(monkeypatch: pytest.MonkeyPatch) 
 def test_unit_logs_to_the_mail_facility() -> None:
     unit = (ROOT / "systemd" / "tcpmap.service").read_text()
     assert "\nSyslogFacility=mail\n" in unit
+
+
+def test_make_run_installs_only_what_running_needs() -> None:
+    """make run installs the package alone; the dev extra (linters, pytest) comes with check."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("needs make")
+
+    def steps(target: str) -> str:
+        argv = [make, "-n", "-B", target]
+        done = subprocess.run(
+            argv, cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    run_steps, check_steps = steps("run"), steps("check")
+    assert "pip install -q -e .\n" in run_steps
+    assert "[dev]" not in run_steps
+    assert "pip install -q -e '.[dev]'" in check_steps
