@@ -17,6 +17,7 @@ from .config import (
     DEFAULT_PORT,
     DEFAULT_STOP_TIMEOUT,
     LISTEN_FORMS,
+    Address,
     ConfigError,
     ListenSpec,
     ServerConfig,
@@ -191,7 +192,8 @@ def query_parser() -> argparse.ArgumentParser:
         "--info",
         metavar="TABLE",
         help="print a table file's build record (when, source, syntax, folding), "
-        "its record count and size",
+        "its record count and size; with metrics:HOST:PORT, the tables a running server "
+        "serves (its metrics listener): file, records, since when",
     )
     _fold_option(parser)
     parser.add_argument(
@@ -275,11 +277,14 @@ def _inspect(dump: str | None, info: str | None) -> int:
 
     name = dump if dump is not None else info
     assert name is not None
+    if info is not None and info.startswith("metrics:"):
+        return _server_info(info)
     if TableName.looks_like(name) and not name.startswith("lmdb:"):
         print(
             f"tcpmap-query: {name}: tcp_table and socketmap have no request that lists keys "
             "or describes a table (tcp_table(5), socketmap_table(5)); run this on the "
-            "server's host with the table file, e.g. --dump lmdb:/var/lib/tcpmap/virtual",
+            "server's host with the table file, e.g. --dump lmdb:/var/lib/tcpmap/virtual, "
+            "or ask the server's metrics listener: --info metrics:HOST:PORT",
             file=sys.stderr,
         )
         return 2
@@ -295,6 +300,21 @@ def _inspect(dump: str | None, info: str | None) -> int:
         out.flush()
         print(f"tcpmap-query: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _server_info(spec: str) -> int:
+    """--info metrics:HOST:PORT: what a running server serves, from its metrics."""
+    from .metrics import served_tables  # noqa: PLC0415 - prometheus_client only here
+
+    try:
+        address = Address.parse(spec.removeprefix("metrics:"))
+        tables = served_tables(address)
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"tcpmap-query: {spec}: {exc}", file=sys.stderr)
+        return 2
+    for table in tables:
+        print("\n".join(table))
     return 0
 
 

@@ -11,8 +11,9 @@ in Debian 13). Names follow https://prometheus.io/docs/practices/naming/.
 from __future__ import annotations
 
 import logging
+import urllib.request
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from gevent.pool import Pool
@@ -23,10 +24,12 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from .config import Address
 from .counters import CheckStats, Latency, ServerStats
 from .responder import Responder, SocketmapResponder
 
@@ -145,9 +148,15 @@ class TcpmapCollector(Collector):
         available = GaugeMetricFamily(
             "tcpmap_table_up", "1 if the table can answer, 0 if not.", labels=labels
         )
+        info = GaugeMetricFamily(
+            "tcpmap_table_info",
+            "The file each map is served from (always 1).",
+            labels=("map", "path"),
+        )
         for name, live in self._maps:
             table = live.table
             available.add_metric((name,), 0 if table is None else 1)
+            info.add_metric((name, str(live.path)), 1)
             if table is None:
                 continue
             records.add_metric((name,), table.records)
@@ -155,7 +164,7 @@ class TcpmapCollector(Collector):
             published.add_metric((name,), table.signature.ctime_ns / 1e9)
             if table.info is not None:
                 built.add_metric((name,), _timestamp(table.info.built_at))
-        yield from (available, records, size, built, published)
+        yield from (available, info, records, size, built, published)
         checks = self._checks
         run = CounterMetricFamily(
             "tcpmap_table_checks", "Checks of newly published files.", labels=labels
@@ -202,3 +211,52 @@ def wsgi_server(sock: Any, registry: CollectorRegistry) -> WSGIServer:
         return app(environ, start_response)
 
     return WSGIServer(sock, only_metrics, spawn=Pool(SCRAPERS), log=None, error_log=log)
+
+
+def served_tables(address: Address, timeout: float = 10.0) -> list[list[str]]:
+    """What the server with a metrics listener at ADDRESS serves: NAME: VALUE lines per map.
+
+    Raises OSError when it cannot be reached, ValueError for a reply that is not ours.
+    """
+    url = f"http://{address}/metrics"
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
+        text = reply.read().decode("utf-8")
+    by_map: dict[str, dict[str, str]] = {}
+    for family in text_string_to_metric_families(text):  # type: ignore[no-untyped-call,unused-ignore]
+        for sample in family.samples:
+            name = sample.labels.get("map")
+            if name is None or not sample.name.startswith("tcpmap_table_"):
+                continue
+            fields = by_map.setdefault(name, {})
+            if sample.name == "tcpmap_table_info":
+                fields["file"] = sample.labels["path"]
+            else:
+                fields[sample.name] = _shown(sample.name, sample.value)
+    if not by_map and "tcpmap_" not in text:
+        raise ValueError(f"{url} is not a tcpmap-server's metrics")
+    out = []
+    for name, fields in sorted(by_map.items()):
+        up = fields.get("tcpmap_table_up") == "1"
+        lines = [f"map: {name}", f"file: {fields.get('file', '?')}"]
+        lines.append("state: serving" if up else "state: unavailable (lookups answered 400/TEMP)")
+        for metric, label in _INFO_FIELDS:
+            if metric in fields:
+                lines.append(f"{label}: {fields[metric]}")
+        out.append([*lines, ""])
+    return out
+
+
+_INFO_FIELDS = (
+    ("tcpmap_table_records", "records"),
+    ("tcpmap_table_size_bytes", "size bytes"),
+    ("tcpmap_table_built_timestamp_seconds", "built at"),
+    ("tcpmap_table_published_timestamp_seconds", "published at"),
+    ("tcpmap_table_checks_total", "checks"),
+    ("tcpmap_table_check_failures_total", "failed checks"),
+)
+
+
+def _shown(name: str, value: float) -> str:
+    if name.endswith("_timestamp_seconds"):
+        return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds")
+    return str(int(value)) if value == int(value) else str(value)

@@ -240,3 +240,23 @@ def test_dashboard_uses_only_metrics_we_serve(metered: tuple[ServerProcess, int]
     served = {name for name, _ in scrape(port)}
     assert used - served == set()
     assert len(used) >= 14
+
+
+def test_query_info_through_the_metrics_listener(
+    metered: tuple[ServerProcess, int], db: Path
+) -> None:
+    """tcpmap-query --info metrics:HOST:PORT: each map's file, state, records, times."""
+    _, port = metered
+    code = "import sys; from tcpmap_lmdb.cli import query_main as m; sys.exit(m())"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--info", f"metrics:127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:4] == ["map: virtual", f"file: {db}", "state: serving", "records: 1"]
+    assert f"size bytes: {db.stat().st_size}" in lines
+    assert any(line.startswith("published at: 20") for line in lines)
