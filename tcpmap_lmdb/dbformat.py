@@ -59,25 +59,31 @@ def table_path(name: str | Path) -> Path:
     return path
 
 
-def not_a_table(path: Path, fd: int) -> str:
-    """Why the file at PATH (open on FD) is no LMDB table, and what to do about it."""
+def not_a_table(path: Path, fd: int, reason: str = "") -> str:
+    """Why the file at PATH (open on FD) is no LMDB table, and what to do about it.
+
+    REASON is LMDB's own error, said only for a file that has LMDB's magic
+    number (a damaged table); it never names the /proc/self/fd path it was opened by.
+    """
     head = os.pread(fd, 64, 0)
+    what = f"{path} is not a readable LMDB file"
     if head and b"\x00" not in head:
         return (
-            f"{path} is a text file, a table source perhaps, not an LMDB table: "
-            f"build one with `tcpmap-build {path}` and serve {path}{SUFFIX}"
+            f"{what}: it is a text file, a table source perhaps; build a table from it "
+            f"with `tcpmap-build {path}` and serve {path}{SUFFIX}"
         )
     # Postfix names the file of hash:NAME or btree:NAME NAME.db: its source is NAME.
     source = path.with_suffix("") if path.suffix == ".db" else "SOURCE"
     build = f"build one with `tcpmap-build {source}`"
     if not head:
-        return f"{path} is empty, not an LMDB table: {build}"
+        return f"{what}: it is empty; {build}"
     kind = _BERKELEY_DB.get(head[12:16])
     if kind is not None:
-        return f"{path} is a Berkeley DB {kind} file (Postfix's {kind}: type), not LMDB: {build}"
+        return f"{what}: it is a Berkeley DB {kind} file (Postfix's {kind}: type); {build}"
     if head[16:20] == _LMDB_MAGIC:
-        return f"{path} is an LMDB file this version of LMDB cannot read"
-    return f"{path} is not an LMDB table: {build}"
+        detail = reason.rpartition(": ")[2] if reason.startswith("/") else reason
+        return f"{what}: it is a damaged LMDB file ({detail or 'unreadable'}); {build} again"
+    return f"{what}; {build}"
 
 
 def count(number: int, noun: str) -> str:

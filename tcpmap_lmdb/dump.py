@@ -64,8 +64,8 @@ def _reading(path: Path) -> Iterator[Any]:
             env = lmdb.open(
                 str(path), subdir=False, readonly=True, lock=False, max_dbs=0, max_readers=1
             )
-        except lmdb.Error:
-            raise TableError(not_a_table(path, fd)) from None
+        except lmdb.Error as exc:
+            raise TableError(not_a_table(path, fd, str(exc))) from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_SH)
             with env.begin(buffers=False) as txn:

@@ -117,8 +117,8 @@ class Table:
                 max_dbs=0,
                 max_readers=1,
             )
-        except lmdb.Error:
-            raise TableError(not_a_table(path, fd)) from None
+        except lmdb.Error as exc:
+            raise TableError(not_a_table(path, fd, _reason(exc))) from None
         try:
             # Postfix's rule for every read transaction (lmdb_table(5)): a shared
             # fcntl lock keeps a postmap rewriting the file in place out meanwhile.

@@ -16,6 +16,7 @@ from pathlib import Path
 import lmdb
 import pytest
 from conftest import ROOT, MakeTable, ServerProcess, StartServer, raw_items, server_command
+from conftest import make_table as make_table_module
 from postfix_tools import run_postfix
 
 from tcpmap_lmdb import build, dbformat
@@ -191,6 +192,17 @@ def test_listen_error_names_the_address(built: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def _damaged_lmdb(path: Path) -> Path:
+    """An LMDB file whose meta pages are overwritten past the magic number."""
+    make_table_module(path, {"k": "v"})
+    with open(path, "r+b") as file:
+        file.seek(20)
+        file.write(b"\xff" * 100)
+        file.seek(4096 + 20)
+        file.write(b"\xff" * 100)
+    return path
+
+
 def _berkeley_db(path: Path, magic: int) -> Path:
     """The first bytes of a Berkeley DB file: its magic number at offset 12."""
     path.write_bytes(bytes(12) + magic.to_bytes(4, "little") + bytes(4080))
@@ -200,10 +212,11 @@ def _berkeley_db(path: Path, magic: int) -> Path:
 @pytest.mark.parametrize(
     ("make", "says"),
     [
-        (lambda p: p.write_bytes(b"") and p, "is empty, not an LMDB table"),
-        (lambda p: p.write_bytes(SOURCE) and p, "is a text file, a table source perhaps"),
-        (lambda p: _berkeley_db(p, 0x00061561), "is a Berkeley DB hash file"),
-        (lambda p: _berkeley_db(p, 0x00053162), "is a Berkeley DB btree file"),
+        (lambda p: p.write_bytes(b"") and p, "it is empty"),
+        (lambda p: p.write_bytes(SOURCE) and p, "it is a text file, a table source perhaps"),
+        (_damaged_lmdb, "it is a damaged LMDB file"),
+        (lambda p: _berkeley_db(p, 0x00061561), "it is a Berkeley DB hash file"),
+        (lambda p: _berkeley_db(p, 0x00053162), "it is a Berkeley DB btree file"),
     ],
 )
 def test_not_a_table_says_what_the_file_is(tmp_path: Path, make: object, says: str) -> None:
@@ -213,7 +226,7 @@ def test_not_a_table_says_what_the_file_is(tmp_path: Path, make: object, says: s
     with pytest.raises(TableError) as caught:
         Table.open(path)
     message = str(caught.value)
-    assert says in message
+    assert message.startswith(f"{path} is not a readable LMDB file: {says}")
     assert "tcpmap-build" in message
     assert "/proc/self" not in message
     assert "Bad file descriptor" not in message
