@@ -248,7 +248,7 @@ def query_main(argv: list[str] | None = None) -> int:
                     value = lookup(key)
                 except ServerFailed:
                     raise
-                except LookupFailed as exc:  # this key; the connection goes on
+                except (LookupFailed, TableError) as exc:  # this key; the others go on
                     out.flush()
                     print(f"tcpmap-query: {_show(key)}: {exc}", file=sys.stderr)
                     failed = True

@@ -670,3 +670,20 @@ def test_make_run_installs_only_what_running_needs() -> None:
     assert "pip install -q -e .\n" in run_steps
     assert "[dev]" not in run_steps
     assert "pip install -q -e '.[dev]'" in check_steps
+
+
+def test_query_db_names_a_bad_record_and_goes_on(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """--db: a key whose stored value Postfix cannot use is named; the next key is answered."""
+    path = tmp_path / "odd.lmdb"
+    env = lmdb.open(str(path), subdir=False, lock=False, map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"empty\0", b"\0")
+        txn.put(b"good\0", b"v\0")
+    env.close()
+    assert query_main(["--db", str(path), "empty", "good"]) == 2
+    out, err = capsysbinary.readouterr()
+    assert out == b"good\tv\n"
+    assert b"tcpmap-query: empty: " in err
+    assert b"empty value stored" in err
