@@ -254,7 +254,8 @@ def detect_syntax(text: str) -> Syntax:
     """
     end = _postmap_key_end(text)
     key, value = text[:end], text[end:].strip(SPACE)
-    if "@" in key.partition(":")[0]:
+    name = key.partition(":")[0]
+    if "@" in name and not any(c in name for c in '"\\'):  # a quoted '@' is local
         return "postmap"
     if key.endswith(":"):
         return "aliases"

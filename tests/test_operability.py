@@ -19,7 +19,7 @@ from conftest import ROOT, MakeTable, ServerProcess, StartServer, raw_items, ser
 from conftest import make_table as make_table_module
 from postfix_tools import run_postfix
 
-from tcpmap_lmdb import build, dbformat
+from tcpmap_lmdb import build, dbformat, sources
 from tcpmap_lmdb.cli import query_main, server_parser
 from tcpmap_lmdb.client import TableName
 from tcpmap_lmdb.config import Binding, ConfigError, ListenSpec
@@ -687,3 +687,18 @@ def test_query_db_names_a_bad_record_and_goes_on(
     assert out == b"good\tv\n"
     assert b"tcpmap-query: empty: " in err
     assert b"empty value stored" in err
+
+
+@pytest.mark.parametrize(
+    ("first", "syntax"),
+    [
+        ("postmaster@example.com: admin@example.net", "postmap"),
+        ("postmaster@example.com:admin@example.net", "postmap"),
+        ("@example.com: catchall@example.net", "postmap"),
+        ('"user@example.com": local', "aliases"),  # quoted: a local name to postalias
+        ("root: admin@example.net", "aliases"),  # unclear: aliases, with the hint on failure
+    ],
+)
+def test_detection_decides_from_a_domain_in_the_name(first: str, syntax: str) -> None:
+    """A name with a domain cannot be an aliases(5) name: postmap syntax."""
+    assert sources.detect_syntax(first) == syntax
