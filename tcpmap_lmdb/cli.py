@@ -226,17 +226,7 @@ def query_main(argv: list[str] | None = None) -> int:
         if args.keys:
             parser.error("--dump and --info take no keys")
         return _inspect(args.dump, args.info)
-    # postmap -q KEY TABLE: a last argument that can only be a table names one.
-    if len(args.keys) > 1 and TableName.looks_like(args.keys[-1]):
-        if args.server is not None or args.db is not None:
-            parser.error(f"{args.keys[-1]!r} names a table, and so does -s/--db: give one")
-        args.server = args.keys.pop()
-    if not args.keys:
-        parser.error("give at least one KEY (or - to read keys from stdin)")
-    try:
-        table = _table_name(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    table = _table_name(parser, args)
     # Like postmap: one key given prints the value; a list prints KEY<TAB>VALUE.
     one_key = len(args.keys) == 1 and args.keys[0] != "-"
     out = sys.stdout.buffer
@@ -266,10 +256,23 @@ def query_main(argv: list[str] | None = None) -> int:
     return 0 if found_any else 1
 
 
-def _table_name(args: argparse.Namespace) -> TableName:
+def _table_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TableName:
+    """The table to query, from -s, --db, or postmap's KEY... TABLE order (taken off the keys)."""
+    # postmap -q KEY TABLE: a last argument that can only be a table names one.
+    if args.keys and TableName.looks_like(args.keys[-1]):
+        if len(args.keys) == 1:
+            parser.error(f"{args.keys[0]!r} names a table: give the KEY first (KEY... TABLE)")
+        if args.server is not None or args.db is not None:
+            parser.error(f"{args.keys[-1]!r} names a table, and so does -s/--db: give one")
+        args.server = args.keys.pop()
+    if not args.keys:
+        parser.error("give at least one KEY (or - to read keys from stdin)")
     if args.db is not None:
         return TableName("lmdb", path=args.db)
-    return TableName.parse(args.server or f"tcp:{DEFAULT_HOST}:{DEFAULT_PORT}")
+    try:
+        return TableName.parse(args.server or f"tcp:{DEFAULT_HOST}:{DEFAULT_PORT}")
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def _inspect(dump: str | None, info: str | None) -> int:

@@ -702,3 +702,10 @@ def test_query_db_names_a_bad_record_and_goes_on(
 def test_detection_decides_from_a_domain_in_the_name(first: str, syntax: str) -> None:
     """A name with a domain cannot be an aliases(5) name: postmap syntax."""
     assert sources.detect_syntax(first) == syntax
+
+
+def test_query_with_only_a_table_is_a_usage_error() -> None:
+    """tcpmap-query tcp:127.0.0.1:4242 (no key) is not a lookup of the key 'tcp:...'."""
+    result = run("tcpmap-query", "tcp:127.0.0.1:4242")
+    assert result.returncode == 2
+    assert b"names a table: give the KEY first" in result.stderr
