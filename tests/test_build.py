@@ -476,9 +476,8 @@ def test_interrupt_while_writing_leaves_previous_table(
     """SIGINT during the write stage keeps the old table and removes the temp file."""
     src, db, before = previous
     # Large enough that writing lasts a good part of a second (the fast builder
-    # writes about 10 records per microsecond). 3M lines left a window of 0.7 to
-    # 1.1 s once the build record was written apart: too short on a loaded machine.
-    src.write_text("".join(f"key{i:07d} value{i}\n" for i in range(5_000_000)))
+    # writes about 10 records per microsecond).
+    src.write_text("".join(f"key{i:07d} value{i}\n" for i in range(3_000_000)))
     before["map"] = src.read_bytes()
     child = subprocess.Popen(
         [sys.executable, "-m", "tcpmap_lmdb.build", str(src)],
