@@ -9,14 +9,20 @@ EXAMPLE_DB := build/virtual.lmdb
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/system-deps.sh
+# What running needs: the package and its dependencies, nothing else.
+$(VENV)/.run-installed: pyproject.toml scripts/system-deps.sh
 	sh scripts/system-deps.sh venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Linters and test tools too (the dev extra), for make check, test, fuzz, bench.
+$(VENV)/.installed: $(VENV)/.run-installed
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-run: venv
+run: $(VENV)/.run-installed
 	mkdir -p $(dir $(EXAMPLE_DB))
 	$(BIN)/tcpmap-build -o $(EXAMPLE_DB) $(EXAMPLE)
 	exec $(BIN)/tcpmap-server --db $(EXAMPLE_DB) --listen 127.0.0.1:4242

@@ -20,5 +20,5 @@ fi
 # Say which versions run, from the distribution's metadata.
 "$venv/bin/python" -c 'import sys; from importlib.metadata import version as v
 print("debian-stack: python", sys.version.split()[0], "gevent", v("gevent"), "lmdb", v("lmdb"),
-      "systemd-python", v("systemd-python"))'
+      "systemd-python", v("systemd-python"), "prometheus-client", v("prometheus-client"))'
 exec "$venv/bin/pytest" --ignore=tests/test_system_deb.py "$@"

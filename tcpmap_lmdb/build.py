@@ -37,7 +37,7 @@ from typing import BinaryIO, Literal, get_args
 
 import lmdb
 
-from tcpmap_lmdb import bulk, extsort, protocol, sources
+from tcpmap_lmdb import __version__, bulk, extsort, protocol, socketmap, sources
 from tcpmap_lmdb.dbformat import (
     MAX_KEY_BYTES,
     META_KEY,
@@ -46,6 +46,7 @@ from tcpmap_lmdb.dbformat import (
     stored_key,
     stored_value,
 )
+from tcpmap_lmdb.dbformat import count as plural  # itertools.count is count here
 from tcpmap_lmdb.postfix import AliasNames, installed_alias_names
 from tcpmap_lmdb.progress import Phase, Progress
 
@@ -68,17 +69,36 @@ Duplicates = Literal["warn", "first", "last"]
 _WARNINGS_HELD = 10_000
 
 
-def check_entry(key: bytes, value: bytes) -> str | None:
-    """Why Postfix could not use this (already folded) entry, or None if it can."""
+# --long-values: a socketmap reply is "OK " and the value (socketmap_table(5)).
+_SOCKETMAP_VALUE = socketmap.MAX_REPLY - len(b"OK ")
+
+
+def check_entry(key: bytes, value: bytes, *, long_values: bool = False) -> str | None:
+    """Why Postfix could not use this (already folded) entry, or None if it can.
+
+    With long_values, a value may fill a socketmap reply even if it cannot fit
+    a tcp_table one (the server then answers it 400 on tcp_table).
+    """
     if not key:
         return "empty key"  # postalias accepts '"": x'; no lookup can find it
     if len(stored_key(key)) > MAX_KEY_BYTES:
         return f"key too long: {len(key)} bytes, the LMDB limit is {MAX_KEY_BYTES - 1}"
     if not value:
         return "empty value"  # Postfix daemons treat an empty lookup result as an error
-    if len(value) > _ALWAYS_FITS and not protocol.fits(value):
-        return f"value too long: its tcp_table reply would exceed {protocol.MAX_REPLY} bytes"
+    if long_values:
+        if len(value) > _SOCKETMAP_VALUE:
+            return f"value too long: {len(value)} bytes, a socketmap reply holds {_SOCKETMAP_VALUE}"
+    elif len(value) > _ALWAYS_FITS and not protocol.fits(value):
+        return (
+            f"value too long: its tcp_table reply would exceed {protocol.MAX_REPLY} bytes "
+            "(--long-values allows up to socketmap's limit)"
+        )
     return None
+
+
+def too_long_for_tcp_table(values: Iterable[bytes]) -> int:
+    """How many stored VALUES (with their NUL) a tcp_table reply cannot hold (--long-values)."""
+    return sum(1 for v in values if len(v) > _ALWAYS_FITS + 1 and not protocol.fits(v[:-1]))
 
 
 class Reporter:
@@ -121,6 +141,7 @@ def checked_entries(
     *,
     fold_keys: bool = True,
     first_line: int = 1,
+    long_values: bool = False,
 ) -> bulk.Split:
     """Fold and check the entries of a block that starts at FIRST_LINE; report its
     problems. The result keeps every good entry, duplicates included, in file order."""
@@ -136,7 +157,7 @@ def checked_entries(
                 report.warn(base + item.lineno, item.reason)
             continue
         key = fold(item.key) if fold_keys else item.key
-        reason = check_entry(key, item.value)
+        reason = check_entry(key, item.value, long_values=long_values)
         if reason is not None:
             report.error(base + item.lineno, reason)
             continue
@@ -187,6 +208,7 @@ def read_source(
     syntax: sources.Syntax | Literal["auto"] = "auto",
     fold_keys: bool = True,
     alias_names: AliasNames | Callable[[], AliasNames] = "internal",
+    long_values: bool = False,
 ) -> sources.Syntax:
     """Read, split and check every line of STREAM into SORTER; the syntax (detected
     from the first logical line for "auto"). Once a line is bad, nothing more is
@@ -201,7 +223,7 @@ def read_source(
         split = None
         if (detected or "postmap") == "postmap":
             split = bulk.split_block(block, fold_keys, first_line)
-            if split is not None and not _all_fit(split):
+            if split is not None and not _all_fit(split, long_values):
                 split = None
         if split is None:
             if detected == "aliases" and callable(alias_names):
@@ -210,7 +232,9 @@ def read_source(
                 except ValueError as exc:  # from postconf: the installed postalias's form
                     raise _Failed(f"--alias-names auto: {exc}") from exc
             items = sources.parse(io.BytesIO(block), detected or "postmap", alias_names)[1]
-            split = checked_entries(items, report, fold_keys=fold_keys, first_line=first_line)
+            split = checked_entries(
+                items, report, fold_keys=fold_keys, first_line=first_line, long_values=long_values
+            )
         if not report.errors:
             sorter.add(*split)
             progress.phase = "reading"  # sorter.add may have sorted a run
@@ -229,13 +253,16 @@ def _detect_syntax(block: bytes) -> sources.Syntax | None:
     return None
 
 
-def _all_fit(split: bulk.Split) -> bool:
+def _all_fit(split: bulk.Split, long_values: bool = False) -> bool:
     """Whether check_entry passes every record; in C unless a record is near a limit."""
     keys, values = split.keys, split.values  # stored: with their trailing NUL
     short_keys = max(map(len, keys), default=0) <= MAX_KEY_BYTES
     if short_keys and max(map(len, values), default=0) <= _ALWAYS_FITS + 1:
         return True  # neither is ever empty (bulk.split_block)
-    return all(check_entry(k[:-1], v[:-1]) is None for k, v in zip(keys, values, strict=True))
+    return all(
+        check_entry(k[:-1], v[:-1], long_values=long_values) is None
+        for k, v in zip(keys, values, strict=True)
+    )
 
 
 # --- writing ----------------------------------------------------------------
@@ -344,9 +371,10 @@ class TableWriter:
         with self._errors():
             self._open()
 
-    def publish(self, info: Callable[[int], BuildInfo]) -> int:
+    def publish(self, info: Callable[[int], BuildInfo], mode: int | None = None) -> int:
         """Write the rest and the build record INFO(count), make the file durable and rename
-        it onto the target; the number of records."""
+        it onto the target; the number of records. MODE: the file's mode (default: the
+        old table's, or 0644 less the umask)."""
         assert self._tmp is not None
         tmp = self._tmp
         with self._errors():
@@ -361,7 +389,7 @@ class TableWriter:
             self._env = None
             os.fsync(self._fd)
             # Created 0600; the server's user must be able to read it.
-            os.fchmod(self._fd, _publish_mode(self._path))
+            os.fchmod(self._fd, _publish_mode(self._path) if mode is None else mode)
             os.replace(tmp, self._path)
             self._tmp = None
             _fsync_directory(self._path.parent)  # make the rename itself durable
@@ -559,6 +587,19 @@ def _arg_parser() -> argparse.ArgumentParser:
         const="first",
         help="duplicate keys: the first value wins, silently (postmap -w)",
     )
+    parser.add_argument(
+        "--mode",
+        type=_octal_mode,
+        metavar="MODE",
+        help="the table's file mode, e.g. 0644 (default: the old table's, else 0644 less the "
+        "umask); the packaged server runs as a dynamic user, who needs it world-readable",
+    )
+    parser.add_argument(
+        "--long-values",
+        action="store_true",
+        help="allow values up to socketmap's 100000-byte reply, for tables served over "
+        "socketmap; tcp_table lookups of longer ones than its 4096-byte reply answer 400",
+    )
     parser.add_argument("--check", action="store_true", help="validate only, write nothing")
     parser.add_argument(
         "--tmpdir",
@@ -567,13 +608,30 @@ def _arg_parser() -> argparse.ArgumentParser:
         "(default: the output's directory)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.set_defaults(duplicates="warn")
     return parser
+
+
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an octal mode such as 0644") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an octal mode such as 0644")
+    return mode
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _arg_parser()
     args = parser.parse_args(argv)
+    # main.cf's spelling: postmap lmdb:/etc/postfix/virtual builds virtual.lmdb.
+    kind, colon, rest = args.file.partition(":")
+    if colon and kind == "lmdb":
+        args.file = rest
+    elif colon and kind.isalpha() and "/" not in kind and not Path(args.file).exists():
+        parser.error(f"{args.file}: {PROG} builds lmdb: tables only (lmdb:{rest})")
     if args.file == "-" and args.output is None and not args.check:
         parser.error("reading stdin (FILE is -) needs -o PATH")
     return args
@@ -693,11 +751,18 @@ def _sort_and_write(job: _Job, stream: BinaryIO) -> int:
         syntax=args.format,
         fold_keys=args.fold,
         alias_names=installed_alias_names if args.alias_names == "auto" else args.alias_names,
+        long_values=args.long_values,
     )
     if report.errors:
         hidden = report.errors - MAX_REPORTED_ERRORS
         more = f" ({hidden} not shown)" if hidden > 0 else ""
         lines = "line" if report.errors == 1 else "lines"
+        if syntax == "aliases" and args.format == "auto":
+            print(
+                f"{PROG}: {job.name}: read as aliases(5) syntax, since its first entry is "
+                '"name: value"; is this a postmap table? Then use --format postmap',
+                file=sys.stderr,
+            )
         message = f"{job.name}: {report.errors} bad {lines}{more}; nothing written"
         print(f"{PROG}: {message}", file=sys.stderr)
         return 1
@@ -706,10 +771,13 @@ def _sort_and_write(job: _Job, stream: BinaryIO) -> int:
     if job.writer is None:
         count = sum(len(keys) for keys, _ in records)
         report.flush()
-        done = f"{job.name}: {count} records OK ({how})"
+        done = f"{job.name}: {plural(count, 'record')} OK ({how})"
     else:
+        long_values = 0
         for keys, values in records:
             job.writer.append(keys, values)
+            if args.long_values:
+                long_values += too_long_for_tcp_table(values)
 
         def info(count: int) -> BuildInfo:
             return BuildInfo(
@@ -718,15 +786,32 @@ def _sort_and_write(job: _Job, stream: BinaryIO) -> int:
                 records=count,
                 source="stdin" if job.name == "stdin" else os.path.abspath(args.file),
                 built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                long_values=long_values,
             )
 
-        count = job.writer.publish(info)
+        count = job.writer.publish(info, args.mode)
         report.flush()
-        done = f"wrote {count} records to {job.writer.target} ({how})"
+        done = f"wrote {plural(count, 'record')} to {job.writer.target} ({how})"
     job.progress.finish()
     if not args.quiet:
         print(f"{PROG}: {done}", file=sys.stderr)
+    if job.writer is not None:
+        _warn_unreadable(job.writer.target)
     return 0
+
+
+def _warn_unreadable(target: Path) -> None:
+    """Warn when others cannot read the table: the packaged tcpmap.service runs as a
+    dynamic user (DynamicUser=yes), so it would defer all the table's mail."""
+    mode = stat.S_IMODE(target.stat().st_mode)
+    if mode & 0o004:
+        return
+    print(
+        f"{PROG}: warning: {target} is mode {mode:04o}: a server running as another user "
+        f"(the packaged tcpmap.service runs as a dynamic user) cannot read it. "
+        f"Run `chmod 644 {target}`, build with --mode 0644, or set umask 022",
+        file=sys.stderr,
+    )
 
 
 def _distinct_batches(job: _Job) -> Iterator[tuple[list[bytes], list[bytes]]]:

@@ -9,16 +9,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import __version__
+from .client import TABLE_FORMS, LookupFailed, ServerFailed, TableName, connect
 from .config import (
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PORT,
     DEFAULT_STOP_TIMEOUT,
+    LISTEN_FORMS,
+    Address,
     ConfigError,
     ListenSpec,
     ServerConfig,
 )
+from .dbformat import table_path
 from .table import Table, TableError
 
 __all__ = ["build_main", "query_main", "server_main"]
@@ -63,10 +67,9 @@ def server_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--db",
-        type=Path,
         metavar="PATH",
-        help="the table for tcp_table listeners, e.g. /var/lib/tcpmap/virtual.lmdb "
-        "(socketmap serves it as map 'virtual')",
+        help="the table for tcp_table listeners, e.g. /var/lib/tcpmap/virtual.lmdb, or as "
+        "main.cf names it: lmdb:/var/lib/tcpmap/virtual (socketmap serves it as map 'virtual')",
     )
     parser.add_argument(
         "--maps",
@@ -79,9 +82,7 @@ def server_parser() -> argparse.ArgumentParser:
         type=_listen,
         action="append",
         metavar="SPEC",
-        help="repeatable: HOST:PORT or tcp:HOST:PORT (tcp_table, the --db table), "
-        "tcp:HOST:PORT=NAME (tcp_table, map NAME), socketmap:HOST:PORT, socketmap:unix:PATH; "
-        "[::1]:PORT for IPv6. Default: the sockets systemd passes, else "
+        help=f"repeatable: {LISTEN_FORMS}. Default: the sockets systemd passes, else "
         f"{DEFAULT_HOST}:{DEFAULT_PORT} (tcp_table with --db, socketmap with only --maps)",
     )
     parser.add_argument(
@@ -116,6 +117,24 @@ def server_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _db_option(text: str | None, maps: Path | None) -> Path | None:
+    """--db as given (lmdb:NAME, NAME or NAME.lmdb), or None.
+
+    systemd passes an unset TCPMAP_DB as --db "": with --maps that means no
+    --db; without, it is an error that says where the setting lives.
+    """
+    if text is None:
+        return None
+    if not text.strip():
+        if maps is not None:
+            return None
+        raise ConfigError(
+            "--db is empty (is TCPMAP_DB set in /etc/default/tcpmap?): "
+            "give a table with --db PATH, or a directory of tables with --maps DIR"
+        )
+    return table_path(text)
+
+
 def server_main(argv: list[str] | None = None) -> int:
     args = server_parser().parse_args(argv)
     from .systemd import setup_logging  # noqa: PLC0415
@@ -123,7 +142,7 @@ def server_main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         config = ServerConfig(
-            db=args.db,
+            db=_db_option(args.db, args.maps),
             maps=args.maps,
             listen=tuple(args.listen or ()),
             idle_timeout=args.idle_timeout,
@@ -131,17 +150,19 @@ def server_main(argv: list[str] | None = None) -> int:
             stop_timeout=args.stop_timeout,
             fold_keys=args.fold_keys,
             allow_remote=args.allow_remote,
+            verbose=args.verbose,
         )
     except ConfigError as exc:
         print(f"tcpmap-server: {exc}", file=sys.stderr)
         return 2
     # Only the server pays for importing gevent and systemd-python.
+    from .listeners import ListenError  # noqa: PLC0415
     from .server import run  # noqa: PLC0415
 
     try:
         return run(config)
-    except OSError as exc:
-        print(f"tcpmap-server: cannot listen: {exc}", file=sys.stderr)
+    except (ListenError, ConfigError) as exc:
+        print(f"tcpmap-server: {exc}", file=sys.stderr)
         return 1
 
 
@@ -149,26 +170,39 @@ def query_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tcpmap-query",
         description="Look keys up like `postmap -q`: through a tcp_table or socketmap server, "
-        "or in a file. "
+        "or in a table file; list a table file like `postmap -s`. "
         "Exit 0 if any key was found, 1 if none, 2 on error.",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "-s",
         "--server",
-        default=f"{DEFAULT_HOST}:{DEFAULT_PORT}",
         metavar="TABLE",
-        help="the server, as Postfix names it: HOST:PORT or tcp:HOST:PORT (tcp_table), "
-        "socketmap:inet:HOST:PORT:NAME or socketmap:unix:PATH:NAME (default %(default)s)",
+        help=f"the table, as main.cf names it: {TABLE_FORMS} "
+        f"(default tcp:{DEFAULT_HOST}:{DEFAULT_PORT}). postmap's order, KEY... TABLE, works too",
     )
-    source.add_argument("--db", type=Path, help="look up in this LMDB file directly")
+    source.add_argument("--db", metavar="PATH", help="look up in this table file directly")
+    source.add_argument(
+        "--dump",
+        metavar="TABLE",
+        help="print every record of a table file as KEY<TAB>VALUE, like `postmap -s` "
+        "(not through a server: tcp_table and socketmap cannot list keys)",
+    )
+    source.add_argument(
+        "--info",
+        metavar="TABLE",
+        help="print a table file's build record (when, source, syntax, folding), "
+        "its record count and size; with metrics:HOST:PORT, the tables a running server "
+        "serves (its metrics listener): file, records, since when",
+    )
     _fold_option(parser)
     parser.add_argument(
         "keys",
-        nargs="+",
+        nargs="*",
         metavar="KEY",
         help="keys to look up; '-' reads one key per line from stdin",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
@@ -181,44 +215,125 @@ def _keys(arguments: list[str]) -> Iterator[bytes]:
             yield argument.encode("utf-8", "surrogateescape")
 
 
-def query_main(argv: list[str] | None = None) -> int:
-    from .client import LookupFailed  # noqa: PLC0415 - the server starts faster without it
+def _show(data: bytes) -> str:
+    return data.decode("utf-8", "backslashreplace")
 
-    args = query_parser().parse_args(argv)
+
+def query_main(argv: list[str] | None = None) -> int:
+    parser = query_parser()
+    args = parser.parse_args(argv)
+    if args.dump is not None or args.info is not None:
+        if args.keys:
+            parser.error("--dump and --info take no keys")
+        return _inspect(args.dump, args.info)
+    table = _table_name(parser, args)
     # Like postmap: one key given prints the value; a list prints KEY<TAB>VALUE.
     one_key = len(args.keys) == 1 and args.keys[0] != "-"
     out = sys.stdout.buffer
-    found_any = False
+    found_any = failed = False
     try:
-        with _lookup_function(args) as lookup:
+        with _lookup_function(table, args.fold_keys) as lookup:
             for key in _keys(args.keys):
-                value = lookup(key)
+                try:
+                    value = lookup(key)
+                except ServerFailed:
+                    raise
+                except (LookupFailed, TableError) as exc:  # this key; the others go on
+                    out.flush()
+                    print(f"tcpmap-query: {_show(key)}: {exc}", file=sys.stderr)
+                    failed = True
+                    continue
                 if value is None:
                     continue
                 found_any = True
                 out.write(value + b"\n" if one_key else key + b"\t" + value + b"\n")
-    except (LookupFailed, TableError, OSError) as exc:
+    except (LookupFailed, TableError) as exc:
         out.flush()
         print(f"tcpmap-query: {exc}", file=sys.stderr)
+        return 2
+    if failed:
         return 2
     return 0 if found_any else 1
 
 
-@contextlib.contextmanager
-def _lookup_function(args: argparse.Namespace) -> Iterator[Callable[[bytes], bytes | None]]:
+def _table_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TableName:
+    """The table to query, from -s, --db, or postmap's KEY... TABLE order (taken off the keys)."""
+    # postmap -q KEY TABLE: a last argument that can only be a table names one.
+    if args.keys and TableName.looks_like(args.keys[-1]):
+        if len(args.keys) == 1:
+            parser.error(f"{args.keys[0]!r} names a table: give the KEY first (KEY... TABLE)")
+        if args.server is not None or args.db is not None:
+            parser.error(f"{args.keys[-1]!r} names a table, and so does -s/--db: give one")
+        args.server = args.keys.pop()
+    if not args.keys:
+        parser.error("give at least one KEY (or - to read keys from stdin)")
     if args.db is not None:
-        table = Table.open(args.db, fold_keys=args.fold_keys)
+        return TableName("lmdb", path=args.db)
+    try:
+        return TableName.parse(args.server or f"tcp:{DEFAULT_HOST}:{DEFAULT_PORT}")
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _inspect(dump: str | None, info: str | None) -> int:
+    from . import dump as tables  # noqa: PLC0415
+
+    name = dump if dump is not None else info
+    assert name is not None
+    if info is not None and info.startswith("metrics:"):
+        return _server_info(info)
+    if TableName.looks_like(name) and not name.startswith("lmdb:"):
+        print(
+            f"tcpmap-query: {name}: tcp_table and socketmap have no request that lists keys "
+            "or describes a table (tcp_table(5), socketmap_table(5)); run this on the "
+            "server's host with the table file, e.g. --dump lmdb:/var/lib/tcpmap/virtual, "
+            "or ask the server's metrics listener: --info metrics:HOST:PORT",
+            file=sys.stderr,
+        )
+        return 2
+    path = table_path(name)
+    out = sys.stdout.buffer
+    try:
+        if dump is not None:
+            for key, value in tables.records(path):
+                out.write(key + b"\t" + value + b"\n")
+        else:
+            out.write("".join(f"{line}\n" for line in tables.summary(path).lines()).encode())
+    except TableError as exc:
+        out.flush()
+        print(f"tcpmap-query: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _server_info(spec: str) -> int:
+    """--info metrics:HOST:PORT: what a running server serves, from its metrics."""
+    from .metrics import served_tables  # noqa: PLC0415 - prometheus_client only here
+
+    try:
+        address = Address.parse(spec.removeprefix("metrics:"))
+        tables = served_tables(address)
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"tcpmap-query: {spec}: {exc}", file=sys.stderr)
+        return 2
+    for table in tables:
+        print("\n".join(table))
+    return 0
+
+
+@contextlib.contextmanager
+def _lookup_function(
+    name: TableName, fold_keys: bool | None
+) -> Iterator[Callable[[bytes], bytes | None]]:
+    if name.type == "lmdb":
+        assert name.path is not None
+        table = Table.open(table_path(name.path), fold_keys=fold_keys)
         try:
             yield table.get
         finally:
             table.close()
     else:
-        from .client import LookupFailed, connect  # noqa: PLC0415
-
-        try:
-            client = connect(args.server)
-        except ValueError as exc:
-            raise LookupFailed(str(exc)) from None
+        client = connect(name)
         try:
             yield client.lookup
         finally:

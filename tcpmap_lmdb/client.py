@@ -1,17 +1,108 @@
-"""Blocking clients that behave as Postfix's dict_tcp and dict_sockmap: for tcpmap-query."""
+"""Blocking clients that behave as Postfix's dict_tcp and dict_sockmap: for tcpmap-query.
+
+Errors are worded as Postfix words them (dict_tcp.c: "connect to TCP map
+127.0.0.1:4242: Connection refused"), so they name the table in every case.
+"""
 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
+from pathlib import Path
 
 from . import protocol, socketmap
-from .config import Address
+from .config import Address, ConfigError
 
 DEFAULT_TIMEOUT = 100.0  # dict_tcp.c DICT_TCP_TMOUT
 
+# How main.cf names a table this tool can query (the -s argument).
+TABLE_FORMS = (
+    "tcp:HOST:PORT (or HOST:PORT), socketmap:inet:HOST:PORT:NAME, "
+    "socketmap:unix:PATH:NAME, lmdb:PATH"
+)
+
 
 class LookupFailed(Exception):
-    """The server answered 4xx, something Postfix would reject, or hung up."""
+    """The server could not answer this key (4xx, TEMP, PERM); the next key may work."""
+
+
+class ServerFailed(LookupFailed):
+    """The connection is unusable (refused, hung up, malformed reply): no key can go on."""
+
+
+@dataclass(frozen=True, slots=True)
+class TableName:
+    """A table as main.cf names it: TYPE:NAME (postconf(5) "type:table")."""
+
+    type: str  # "tcp", "socketmap" or "lmdb"
+    address: Address | None = None  # tcp, socketmap:inet
+    path: str | None = None  # socketmap:unix (the socket), lmdb (the table)
+    map: str | None = None  # socketmap: the map name sent with each request
+
+    @classmethod
+    def parse(cls, text: str) -> TableName:
+        """One of TABLE_FORMS; raises ValueError naming them all."""
+        try:
+            return cls._parse(text)
+        except (ValueError, ConfigError) as exc:
+            raise ValueError(f"{exc}; accepted forms: {TABLE_FORMS}") from None
+
+    @classmethod
+    def _parse(cls, text: str) -> TableName:
+        kind, _, rest = text.partition(":")
+        if kind == "lmdb":
+            if not rest:
+                raise ValueError(f"{text!r}: no file name")
+            return cls("lmdb", path=rest)
+        if kind == "socketmap":
+            where, sep, name = rest.rpartition(":")
+            if not sep or not name:
+                raise ValueError(f"{text!r}: no map name at the end")
+            transport, _, place = where.partition(":")
+            if transport == "unix" and place:
+                return cls("socketmap", path=place, map=name)
+            if transport == "inet":
+                return cls("socketmap", address=Address.parse(place), map=name)
+            raise ValueError(f"{text!r}: expected socketmap:inet:... or socketmap:unix:...")
+        if kind == "tcp":
+            return cls("tcp", address=Address.parse(rest))
+        if kind.isalpha() and kind not in ("localhost",) and ":" in rest:
+            raise ValueError(f"{text!r}: unknown table type {kind!r}")
+        return cls("tcp", address=Address.parse(text))
+
+    @staticmethod
+    def looks_like(text: str) -> bool:
+        """Whether TEXT is a table name rather than a key (postmap's KEY TABLE order)."""
+        if not text.startswith(("tcp:", "socketmap:", "lmdb:")):
+            return False
+        try:
+            TableName._parse(text)
+        except (ValueError, ConfigError):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        if self.type == "lmdb":
+            return f"lmdb:{self.path}"
+        where = f"unix:{self.path}" if self.path is not None else f"inet:{self.address}"
+        return (
+            f"socketmap:{where}:{self.map}" if self.type == "socketmap" else f"tcp:{self.address}"
+        )
+
+
+def _connect_inet(address: Address, what: str, timeout: float) -> socket.socket:
+    try:
+        return socket.create_connection((address.host, address.port), timeout=timeout)
+    except OSError as exc:
+        raise ServerFailed(f"connect to {what} {address}: {_reason(exc)}") from None
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name: {exc.strerror}"
+    return exc.strerror or str(exc)
 
 
 class TcpTableClient:
@@ -19,26 +110,35 @@ class TcpTableClient:
 
     def __init__(self, address: Address, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.address = address
-        self._sock = socket.create_connection((address.host, address.port), timeout=timeout)
+        self._sock = _connect_inet(address, "TCP map", timeout)
         self._file = self._sock.makefile("rb")
 
     def lookup(self, key: bytes) -> bytes | None:
-        """The value for KEY, or None when the server answers 5xx (not found)."""
-        self._sock.sendall(protocol.request(key))
-        line = self._file.readline(protocol.MAX_REPLY + 1)
+        """The value for KEY, or None when the server answers 5xx (not found).
+
+        Raises LookupFailed with the server's decoded reason for 4xx, and
+        ServerFailed when the connection is lost or the reply malformed.
+        """
+        where = f"read TCP map reply from {self.address}"
+        try:
+            self._sock.sendall(protocol.request(key))
+            line = self._file.readline(protocol.MAX_REPLY + 1)
+        except OSError as exc:
+            raise ServerFailed(f"{where}: {_reason(exc)}") from None
         if not line.endswith(b"\n"):
             if len(line) > protocol.MAX_REPLY:
-                raise LookupFailed(f"{self.address}: reply longer than {protocol.MAX_REPLY}")
-            raise LookupFailed(f"{self.address}: unexpected EOF")
+                raise ServerFailed(f"{where}: text longer than {protocol.MAX_REPLY}")
+            raise ServerFailed(f"{where}: unexpected EOF")
         try:
             code, text = protocol.parse_reply(line[:-1])
         except protocol.ProtocolError as exc:
-            raise LookupFailed(f"{self.address}: {exc}") from None
+            raise ServerFailed(f"{where}: {exc}") from None
         if code // 100 == 2:
             return text.partition(b"\x00")[0]  # hex_unquote'd C string ends at NUL
         if code // 100 == 5:
             return None
-        raise LookupFailed(f"{self.address}: {line[:-1].decode('ascii', 'replace')}")
+        reason = text.decode("utf-8", "replace")
+        raise LookupFailed(f"tcp:{self.address} answered {code}: {reason}")
 
     def close(self) -> None:
         self._file.close()
@@ -55,41 +155,50 @@ class SocketmapClient:
     """socketmap_table(5), as Postfix's dict_sockmap: one request, then one reply."""
 
     def __init__(self, where: Address | str, name: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.where = str(where)
+        self.where = f"inet:{where}" if isinstance(where, Address) else f"unix:{where}"
         self.name = name
         if isinstance(where, Address):
-            self._sock = socket.create_connection((where.host, where.port), timeout=timeout)
+            self._sock = _connect_inet(where, "socketmap", timeout)
         else:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._sock.settimeout(timeout)
-            self._sock.connect(where)
+            try:
+                self._sock.connect(where)
+            except OSError as exc:
+                self._sock.close()
+                raise ServerFailed(f"connect to socketmap {self.where}: {_reason(exc)}") from None
         self._file = self._sock.makefile("rb")
 
     def lookup(self, key: bytes) -> bytes | None:
         """The value for KEY, or None for NOTFOUND; LookupFailed for TEMP, PERM and others."""
-        self._sock.sendall(socketmap.request(self.name, key))
-        status, text = socketmap.parse_reply(self._read_netstring())
+        try:
+            self._sock.sendall(socketmap.request(self.name, key))
+            status, text = socketmap.parse_reply(self._read_netstring())
+        except OSError as exc:
+            raise ServerFailed(f"read socketmap reply from {self.where}: {_reason(exc)}") from None
         if status == b"OK":
             return text
         if status == b"NOTFOUND":
             return None
         reason = text.decode("utf-8", "replace")
-        raise LookupFailed(f"{self.where}: {status.decode('ascii', 'replace')} {reason}")
+        status_text = status.decode("ascii", "replace")
+        raise LookupFailed(f"socketmap:{self.where} answered {status_text}: {reason}")
 
     def _read_netstring(self) -> bytes:
+        where = f"read socketmap reply from {self.where}"
         digits = b""
         while (byte := self._file.read(1)) != b":":
             if not byte:
-                raise LookupFailed(f"{self.where}: unexpected EOF")
+                raise ServerFailed(f"{where}: unexpected EOF")
             digits += byte
             if not digits.isdigit() or len(digits) > 12:
-                raise LookupFailed(f"{self.where}: bad netstring length {digits!r}")
+                raise ServerFailed(f"{where}: bad netstring length {digits!r}")
         length = int(digits) if digits else -1  # the loop let only digits in
         if not 0 <= length <= socketmap.MAX_REPLY:
-            raise LookupFailed(f"{self.where}: reply length {digits!r} over the limit")
+            raise ServerFailed(f"{where}: reply length {digits!r} over the limit")
         payload = self._file.read(length + 1)
         if len(payload) != length + 1 or not payload.endswith(b","):
-            raise LookupFailed(f"{self.where}: malformed netstring reply")
+            raise ServerFailed(f"{where}: malformed netstring reply")
         return payload[:-1]
 
     def close(self) -> None:
@@ -106,20 +215,17 @@ class SocketmapClient:
 Client = TcpTableClient | SocketmapClient
 
 
-def connect(spec: str, timeout: float = DEFAULT_TIMEOUT) -> Client:
-    """A client for a table named as in Postfix's main.cf (the type prefix optional):
+def connect(spec: str | TableName, timeout: float = DEFAULT_TIMEOUT) -> Client:
+    """A client for a server table named as in main.cf (TABLE_FORMS but lmdb:).
 
-    ``HOST:PORT``, ``tcp:HOST:PORT``, ``socketmap:inet:HOST:PORT:NAME``,
-    ``socketmap:unix:PATH:NAME``.
+    Raises ValueError for a bad name, ServerFailed when the connection fails.
     """
-    if spec.startswith("socketmap:"):
-        rest, sep, name = spec[len("socketmap:") :].rpartition(":")
-        if not sep or not name:
-            raise ValueError(f"{spec!r}: expected socketmap:inet:HOST:PORT:NAME or unix:PATH:NAME")
-        if rest.startswith("unix:"):
-            return SocketmapClient(rest[5:], name.encode(), timeout)
-        if rest.startswith("inet:"):
-            return SocketmapClient(Address.parse(rest[5:]), name.encode(), timeout)
-        raise ValueError(f"{spec!r}: expected socketmap:inet:... or socketmap:unix:...")
-    address = spec[4:] if spec.startswith("tcp:") else spec
-    return TcpTableClient(Address.parse(address), timeout)
+    name = spec if isinstance(spec, TableName) else TableName.parse(spec)
+    if name.type == "socketmap":
+        assert name.map is not None  # parse gives every socketmap name a map
+        where: Address | str = name.address if name.address is not None else str(name.path)
+        return SocketmapClient(where, name.map.encode(), timeout)
+    if name.type == "tcp":
+        assert name.address is not None
+        return TcpTableClient(name.address, timeout)
+    raise ValueError(f"{name}: not a server table; look it up with --db {Path(str(name.path))}")

@@ -72,33 +72,43 @@ def _port(text: str, whole: str) -> int:
 
 TCP_TABLE = "tcp"
 SOCKETMAP = "socketmap"
+METRICS = "metrics"  # Prometheus /metrics over HTTP, not a map protocol
 
 
 @dataclass(frozen=True, slots=True)
 class Binding:
     """What a listener serves: tcp_table bound to one map, or socketmap (map per request)."""
 
-    protocol: str  # TCP_TABLE or SOCKETMAP
+    protocol: str  # TCP_TABLE, SOCKETMAP or METRICS
     map: str | None = None  # tcp_table only; None: the --db table
 
     @classmethod
     def from_fd_name(cls, name: str) -> Binding:
         """The binding of a socket systemd passed, from its FileDescriptorName=.
 
-        ``socketmap`` serves socketmap; ``tcp=NAME`` serves tcp_table from map
-        NAME; any other name (``tcp_table``, the unit's name) serves tcp_table
-        from the --db table.
+        ``socketmap`` serves socketmap; ``metrics`` serves Prometheus metrics;
+        ``tcp=NAME`` serves tcp_table from map NAME; any other name
+        (``tcp_table``, the unit's name) serves tcp_table from the --db table.
         """
-        if name == SOCKETMAP:
-            return cls(SOCKETMAP)
+        if name in (SOCKETMAP, METRICS):
+            return cls(name)
         if name.startswith("tcp="):
             return cls(TCP_TABLE, name[4:])
         return cls(TCP_TABLE)
 
     def __str__(self) -> str:
-        if self.protocol == SOCKETMAP:
-            return "socketmap"
+        if self.protocol in (SOCKETMAP, METRICS):
+            return self.protocol
         return f"tcp_table ({self.map})" if self.map else "tcp_table"
+
+
+# Every --listen spelling, for errors: Postfix's own (inet:, unix:, socketmap:inet:) and ours.
+LISTEN_FORMS = (
+    "HOST:PORT, tcp:HOST:PORT or inet:HOST:PORT (tcp_table, the --db table); "
+    "tcp:HOST:PORT=NAME (tcp_table, map NAME); socketmap:HOST:PORT, socketmap:inet:HOST:PORT, "
+    "socketmap:unix:PATH or unix:PATH (socketmap, every map); "
+    "metrics:HOST:PORT (Prometheus /metrics); [::1]:PORT for IPv6"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,20 +121,44 @@ class ListenSpec:
 
     @classmethod
     def parse(cls, text: str) -> ListenSpec:
-        """HOST:PORT | tcp:HOST:PORT[=NAME] | socketmap:[inet:]HOST:PORT | socketmap:unix:PATH."""
-        if text.startswith(f"{SOCKETMAP}:"):
-            rest = text[len(SOCKETMAP) + 1 :]
-            if rest.startswith("unix:"):
-                if not rest[5:]:
-                    raise ConfigError(f"{text!r}: expected socketmap:unix:PATH")
-                return cls(Binding(SOCKETMAP), path=Path(rest[5:]))
-            # Postfix spells it socketmap:inet:HOST:PORT:NAME; "inet:" is optional here.
+        """One of LISTEN_FORMS; raises ConfigError naming them all.
+
+        Postfix's tcp_table client connects over TCP only, so ``unix:PATH``
+        (master.cf's spelling) can only mean socketmap.
+        """
+        try:
+            return cls._parse(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; accepted forms: {LISTEN_FORMS}") from None
+
+    @classmethod
+    def _parse(cls, text: str) -> ListenSpec:
+        kind, colon, rest = text.partition(":")
+        if kind == "unix" or (kind == SOCKETMAP and rest.startswith("unix:")):
+            path = rest.removeprefix("unix:") if kind == SOCKETMAP else rest
+            if not path:
+                raise ConfigError(f"{text!r}: no socket path")
+            return cls(Binding(SOCKETMAP), path=Path(path))
+        if kind == METRICS:
+            return cls(Binding(METRICS), address=Address.parse(rest.removeprefix("inet:")))
+        if kind == SOCKETMAP:
             rest = rest.removeprefix("inet:")
+            if rest.count(":") > 1 and not rest.startswith("["):
+                # socketmap:inet:HOST:PORT:NAME is how main.cf names one map of it.
+                raise ConfigError(
+                    f"{text!r}: a socketmap listener serves every map; "
+                    "drop the map name (main.cf's :NAME goes in Postfix, not here)"
+                )
             return cls(Binding(SOCKETMAP), address=Address.parse(rest))
-        rest = text[4:] if text.startswith(f"{TCP_TABLE}:") else text
-        where, sep, name = rest.partition("=")
+        if colon and kind in (TCP_TABLE, "inet"):
+            text_rest = rest
+        elif colon and kind.isalpha() and kind != "localhost" and not rest.isdigit():
+            raise ConfigError(f"{text!r}: unknown listener type {kind!r}")
+        else:
+            text_rest = text
+        where, sep, name = text_rest.partition("=")
         if sep and not name:
-            raise ConfigError(f"{text!r}: expected tcp:HOST:PORT=NAME")
+            raise ConfigError(f"{text!r}: no map name after '='")
         return cls(Binding(TCP_TABLE, name or None), address=Address.parse(where))
 
     def __str__(self) -> str:
@@ -147,6 +181,7 @@ class ServerConfig:
     output_budget: int = DEFAULT_OUTPUT_BUDGET  # bytes
     fold_keys: bool | None = None  # None: as each table was built
     allow_remote: bool = False
+    verbose: bool = False  # -v: log every lookup
 
     def __post_init__(self) -> None:
         if self.db is None and self.maps is None:
@@ -167,6 +202,8 @@ class ServerConfig:
 
     def check_binding(self, binding: Binding, where: str) -> None:
         """Raise ConfigError if BINDING cannot be served with these tables."""
+        if binding.protocol == METRICS:
+            return
         if binding.protocol == TCP_TABLE and binding.map is None and self.db is None:
             raise ConfigError(f"{where}: a tcp_table listener needs --db, or a map: tcp:...=NAME")
         if binding.map is not None and self.maps is None and binding.map != self.db_name:

@@ -8,6 +8,7 @@ stored with one trailing NUL, keys folded to lowercase unless built with folding
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,11 +22,79 @@ MAX_KEY_BYTES = 511
 # lookup key longer than this cannot fold to a key any table can hold.
 MAX_LOOKUP_KEY = 3 * (MAX_KEY_BYTES - 1)
 
-# How the build is recorded. The key starts with NUL, and Postfix looks up a
-# C string KEY as "KEY\0" or "KEY", so no Postfix lookup can ever match it
-# (`postmap -s` lists it as an empty key, with the JSON as its value).
-META_KEY = b"\x00tcpmap-lmdb\x00"
+# How the build is recorded. postmap -s and postalias -s print every key up to
+# its first NUL (dict_lmdb_sequence copies it as a C string): this one prints as
+# "#tcpmap-lmdb", so a dump reads back as a comment line, in either syntax, with
+# no warning. The bytes after the NUL keep every lookup away from it: Postfix
+# looks up a C string KEY as "KEY\0" or "KEY" (dict_lmdb.c), never with more.
+META_KEY = b"#tcpmap-lmdb\x00build record"
+# Before 0.2: printed as an empty key ("warning: empty lookup key value is not allowed").
+OLD_META_KEY = b"\x00tcpmap-lmdb\x00"
+META_KEYS = (META_KEY, OLD_META_KEY)
 META_VERSION = 1
+
+# What a file that is not an LMDB table is, from its first 16 bytes: Berkeley DB
+# keeps its magic number at offset 12 (db.h: DB_HASHMAGIC, DB_BTREEMAGIC), in
+# the byte order of the host that wrote it.
+_BERKELEY_DB = {
+    (0x00061561).to_bytes(4, "little"): "hash",
+    (0x00061561).to_bytes(4, "big"): "hash",
+    (0x00053162).to_bytes(4, "little"): "btree",
+    (0x00053162).to_bytes(4, "big"): "btree",
+}
+_LMDB_MAGIC = (0xBEEFC0DE).to_bytes(4, "little")  # mdb.c MDB_MAGIC, at offset 16
+
+
+def table_path(name: str | Path) -> Path:
+    """The table file NAME means, spelt as main.cf names it or as a file.
+
+    ``lmdb:/etc/postfix/virtual`` and ``/etc/postfix/virtual`` mean
+    ``/etc/postfix/virtual.lmdb`` (lmdb_table(5): the file is NAME.lmdb), as
+    does a NAME that does not exist (a table not built yet). A NAME ending in
+    .lmdb, or an existing file without a NAME.lmdb beside it, is that file.
+    """
+    text = str(name).removeprefix("lmdb:")
+    path = Path(text)
+    if text.endswith(SUFFIX):
+        return path
+    beside = Path(text + SUFFIX)
+    if beside.exists() or not path.exists():
+        return beside
+    return path
+
+
+def not_a_table(path: Path, head: bytes | int, reason: str = "") -> str:
+    """Why the file at PATH is no LMDB table, and what to do about it.
+
+    HEAD is the file's first 64 bytes, or a descriptor open on it. REASON is
+    LMDB's own error, said only for a file that has LMDB's magic number (a
+    damaged table); it never names the /proc/self/fd path it was opened by.
+    """
+    if isinstance(head, int):
+        head = os.pread(head, 64, 0)
+    what = f"{path} is not a readable LMDB file"
+    if head and b"\x00" not in head:
+        return (
+            f"{what}: it is a text file, a table source perhaps; build a table from it "
+            f"with `tcpmap-build {path}` and serve {path}{SUFFIX}"
+        )
+    # Postfix names the file of hash:NAME or btree:NAME NAME.db: its source is NAME.
+    source = path.with_suffix("") if path.suffix == ".db" else "SOURCE"
+    build = f"build one with `tcpmap-build {source}`"
+    if not head:
+        return f"{what}: it is empty; {build}"
+    kind = _BERKELEY_DB.get(head[12:16])
+    if kind is not None:
+        return f"{what}: it is a Berkeley DB {kind} file (Postfix's {kind}: type); {build}"
+    if head[16:20] == _LMDB_MAGIC:
+        detail = reason.rpartition(": ")[2] if reason.startswith("/") else reason
+        return f"{what}: it is a damaged LMDB file ({detail or 'unreadable'}); {build} again"
+    return f"{what}; {build}"
+
+
+def count(number: int, noun: str) -> str:
+    """ "1 record", "2 records": NOUN must pluralise with an s."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def map_name(path: Path) -> str:
@@ -68,6 +137,7 @@ class BuildInfo:
     source: str
     built_at: str  # ISO 8601, UTC
     version: int = META_VERSION
+    long_values: int = 0  # values too long for a tcp_table reply (tcpmap-build --long-values)
 
     def encode(self) -> bytes:
         return stored_value(json.dumps(asdict(self), sort_keys=True).encode("utf-8"))
@@ -84,4 +154,5 @@ class BuildInfo:
             records=int(data["records"]),
             source=str(data["source"]),
             built_at=str(data["built_at"]),
+            long_values=int(data.get("long_values", 0)),
         )

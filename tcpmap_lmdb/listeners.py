@@ -25,6 +25,10 @@ LISTEN_BACKLOG = 1024  # bursts of Postfix processes connecting at once
 UNIX_SOCKET_MODE = 0o666
 
 
+class ListenError(Exception):
+    """A listener cannot be opened; the message names its address and the reason."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     sock: gevent.socket.socket
@@ -66,7 +70,11 @@ def _bind_all(specs: tuple[ListenSpec, ...]) -> list[Endpoint]:
     endpoints: list[Endpoint] = []
     try:
         for spec in specs:
-            sock = bind(spec)
+            try:
+                sock = bind(spec)
+            except OSError as exc:
+                where = f"unix:{spec.path}" if spec.path is not None else str(spec.address)
+                raise ListenError(f"cannot listen on {where}: {_reason(exc)}") from None
             created_id = _file_id(spec.path) if spec.path is not None else None
             endpoints.append(Endpoint(sock, spec.binding, "--listen", spec.path, created_id))
     except BaseException:
@@ -179,6 +187,14 @@ def _answers(path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name: {exc.strerror}"
+    if exc.errno == errno.EADDRINUSE and exc.strerror and "listening" not in exc.strerror:
+        return f"{exc.strerror} (another server, or another --listen, is on it)"
+    return exc.strerror or str(exc)
 
 
 def format_address(name: object) -> str:

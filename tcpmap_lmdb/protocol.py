@@ -278,7 +278,9 @@ def over_long(line: OverLong) -> bytes:
 
 
 # A value stored by other tools that cannot be sent: the mail must wait, not bounce.
-VALUE_TOO_LONG = reply(400, b"value too long for a tcp_table reply")
+VALUE_TOO_LONG = reply(
+    400, b"value too long for a tcp_table reply (4096 bytes): look this map up over socketmap"
+)
 
 
 # --- the client side (tcpmap-query, tests) -------------------------------------

@@ -10,8 +10,8 @@ import resource
 import signal
 import socket
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
+from math import frexp
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,18 @@ from gevent.server import StreamServer
 
 from . import snapshot
 from .admission import BacklogWatch, OutputBudget
-from .config import SOCKETMAP, Binding, ServerConfig
+from .config import METRICS, SOCKETMAP, Binding, ServerConfig
+from .counters import LATENCY_OFFSET, CheckStats, Latency, ServerStats
 from .dbformat import map_name
 from .listeners import Endpoint, client_key, format_address, open_endpoints, remove_socket_files
 from .maps import Maps, UnknownMap
 from .ratelimit import WarningLimiter
-from .responder import Responder, SocketmapResponder
+from .responder import (
+    LoggedResponder,
+    LoggedSocketmapResponder,
+    Responder,
+    SocketmapResponder,
+)
 from .sessions import Session, SocketmapSession, TcpTableSession
 from .systemd import Notifier
 from .table import TableError
@@ -71,23 +77,36 @@ class _OverBudget(_Evicted):
 class Server:
     """Serves the maps on the given endpoints, each with its own protocol."""
 
-    def __init__(self, config: ServerConfig, maps: Maps, endpoints: Iterable[Endpoint]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        maps: Maps,
+        endpoints: Iterable[Endpoint],
+        checks: CheckStats | None = None,
+    ) -> None:
         self._config = config
         self._pool = gevent.pool.Pool(config.max_connections)
         self._endpoints = list(endpoints)
-        self._servers = [
-            StreamServer(
-                endpoint.sock,
-                _Handler(self, session_factory(endpoint.binding, maps, config)).handle,
-                spawn=self._pool,
-            )
+        self.stats = ServerStats()
+        metrics = [e for e in self._endpoints if e.binding.protocol == METRICS]
+        self.responders: list[Responder | SocketmapResponder] = []  # one per map listener
+        self.latency = Latency()
+        if metrics:  # time requests only when someone can read the times
+            self._serve = self._serve_timed  # type: ignore[method-assign]
+        self._servers: list[StreamServer] = [
+            StreamServer(endpoint.sock, self._handler(endpoint.binding, maps), spawn=self._pool)
             for endpoint in self._endpoints
+            if endpoint.binding.protocol != METRICS
         ]
+        if metrics:
+            self._servers += self._metrics_servers(metrics, maps, checks or CheckStats())
+        map_endpoints = [e for e in self._endpoints if e.binding.protocol != METRICS]
+        self._endpoints = map_endpoints + metrics
         self._wires: dict[_Wire, _IdleWatch] = {}
         self._stopping = False
         self._stop_requested = gevent.event.Event()
         self._backlog = BacklogWatch(
-            [endpoint.sock for endpoint in self._endpoints],
+            [endpoint.sock for endpoint in map_endpoints],
             full=lambda: self.full,
             evict=self.evict_idlest,
         )
@@ -96,7 +115,32 @@ class Server:
         self._summaries: gevent.Greenlet[..., None] | None = None
         self.connections = 0
         self.lookups = 0
-        self.closed: Counter[CloseReason] = Counter()
+
+    def _handler(self, binding: Binding, maps: Maps) -> Callable[[Any, object], None]:
+        """StreamServer's handle for a listener: with -v, one that logs every lookup."""
+        responder = _responder(binding, maps, self._config)
+        self.responders.append(responder)
+        if self._config.verbose:
+            return _LoggedHandler(self, responder, binding.map or self._config.db_name).handle
+        if isinstance(responder, SocketmapResponder):
+            return _Handler(self, functools.partial(SocketmapSession, responder)).handle
+        return _Handler(self, functools.partial(TcpTableSession, responder)).handle
+
+    def _metrics_servers(
+        self, endpoints: list[Endpoint], maps: Maps, checks: CheckStats
+    ) -> list[StreamServer]:
+        from . import metrics  # noqa: PLC0415 - prometheus_client only when asked for
+
+        collector = metrics.TcpmapCollector(
+            responders=self.responders,
+            latency=self.latency,
+            checks=checks,
+            server=self.stats,
+            open_connections=lambda: self.connections,
+            maps=maps,
+        )
+        registry = metrics.registry(collector)
+        return [metrics.wsgi_server(endpoint.sock, registry) for endpoint in endpoints]
 
     def start(self) -> None:
         _raise_fd_limit(self._config.max_connections)
@@ -139,6 +183,8 @@ class Server:
         if self.warnings.allow(client_key(wire.sock, address)):
             peer = format_address(address)
             log.warning("%s: %s", peer, message, extra={"CLIENT": peer})
+        else:
+            self.stats.warnings_suppressed += 1  # tcpmap_warnings_suppressed_total
 
     def _summarise_warnings(self) -> None:
         while True:
@@ -196,6 +242,7 @@ class Server:
         self, new_session: SessionFactory, gsock: gevent.socket.socket, address: object
     ) -> None:
         self.connections += 1
+        self.stats.accepted += 1
         session = new_session()
         wire = _Wire(socket.socket(fileno=gsock.detach()))
         watch = _IdleWatch(self._config.idle_timeout)
@@ -216,6 +263,7 @@ class Server:
             reason = CloseReason.LIMIT
             log.debug("%s: idle longest at --max-connections, closing", format_address(address))
         except OSError as exc:
+            reason = CloseReason.ERROR
             log.debug("%s: %s", format_address(address), exc)
         except _Stopping:
             reason = CloseReason.SHUTDOWN  # the kill landed while a reply was being sent
@@ -224,7 +272,7 @@ class Server:
             watch.close()
             wire.close()
             self.connections -= 1
-            self.closed[reason] += 1
+            self.stats.closed[reason] += 1
 
     def _converse(
         self, wire: _Wire, address: object, session: Session, watch: _IdleWatch
@@ -277,6 +325,39 @@ class Server:
             watch.last = time.monotonic()  # the idle clock restarts
         return close is None
 
+    def _serve_timed(
+        self,
+        wire: _Wire,
+        address: object,
+        session: Session,
+        data: bytes,
+        watch: _IdleWatch,
+    ) -> bool:
+        """_serve, timed for tcpmap_lookup_duration_seconds; bound instead of it with metrics.
+
+        A copy, not a wrapper: a call more per read cost as much as the timing
+        (tests/bench/metrics_cost.py). Keep the two in step. The end time is the
+        clock read _serve makes anyway for the idle watch.
+        """
+        started = time.monotonic()
+        answered = 0
+        close = None
+        for replies, requests, close in session.receive(data):
+            answered += requests
+            if replies:
+                _send_all(wire, replies, watch, self)
+            if close is not None:
+                self.warn(wire, address, f"{close}, closing")
+                break
+        if answered:
+            self.lookups += answered
+            watch.last = now = time.monotonic()  # the idle clock restarts
+            elapsed, latency = now - started, self.latency
+            # Latency.observe_seconds, inline: a method call costs as much again.
+            latency.by_exponent[LATENCY_OFFSET + frexp(elapsed)[1]] += answered
+            latency.sum += elapsed * answered
+        return close is None
+
 
 class _Handler:
     """StreamServer's handle for one listener: a bound method, not functools.partial.
@@ -293,6 +374,31 @@ class _Handler:
 
     def handle(self, sock: gevent.socket.socket, address: object) -> None:
         self._server._handle(self._new_session, sock, address)
+
+
+class _LoggedHandler:
+    """StreamServer's handle with -v: each connection's session logs its lookups."""
+
+    __slots__ = ("_name", "_responder", "_server")
+
+    def __init__(
+        self, server: Server, responder: Responder | SocketmapResponder, name: str | None
+    ) -> None:
+        self._server = server
+        self._responder = responder
+        self._name = name or ""
+
+    def handle(self, sock: gevent.socket.socket, address: object) -> None:
+        peer = format_address(address)
+        factory: SessionFactory
+        if isinstance(self._responder, SocketmapResponder):
+            logged = LoggedSocketmapResponder(self._responder, peer)
+            factory = functools.partial(SocketmapSession, logged)
+        else:
+            factory = functools.partial(
+                TcpTableSession, LoggedResponder(self._responder, peer, self._name)
+            )
+        self._server._handle(factory, sock, address)
 
 
 class _Wire:
@@ -462,13 +568,15 @@ def _send_all(wire: _Wire, data: bytes | bytearray, watch: _IdleWatch, server: S
         server.output.release(wire, held)
 
 
-def session_factory(binding: Binding, maps: Maps, config: ServerConfig) -> SessionFactory:
-    """New sessions for a listener: socketmap, or tcp_table bound to one map."""
+def _responder(
+    binding: Binding, maps: Maps, config: ServerConfig
+) -> Responder | SocketmapResponder:
+    """A listener's responder: socketmap, or tcp_table bound to one map."""
     if binding.protocol == SOCKETMAP:
-        return functools.partial(SocketmapSession, SocketmapResponder(maps))
+        return SocketmapResponder(maps)
     name = binding.map or config.db_name
     assert name is not None  # ServerConfig.check_binding guarantees a map
-    return functools.partial(TcpTableSession, Responder(_map_lookup(maps, name)))
+    return Responder(_map_lookup(maps, name), name)
 
 
 def _map_lookup(maps: Maps, name: str) -> Callable[[bytes], bytes | None]:
@@ -476,15 +584,35 @@ def _map_lookup(maps: Maps, name: str) -> Callable[[bytes], bytes | None]:
         return maps.get(name).lookup  # known now: bind to it directly
     except UnknownMap:
         pass
+    # Logged at start and when it appears; once open, its LiveTable logs its changes.
+    log.warning(
+        "a tcp_table listener serves map %s, but there is no %s.lmdb in %s: "
+        "its lookups are answered 400 (mail deferred) until the table is there",
+        name,
+        name,
+        maps.directory,
+    )
+    appeared = [False]
 
     def lookup(key: bytes) -> bytes | None:
         try:
             table = maps.get(name)
         except UnknownMap:
             raise TableError(f"no table {name}.lmdb in {maps.directory}") from None
+        if not appeared[0]:
+            appeared[0] = True
+            log.info("map %s: %s.lmdb is there now, serving it", name, name)
         return table.lookup(key)
 
     return lookup
+
+
+def _check_maps_directory(directory: Path | None) -> None:
+    """Warn at start when --maps names no directory: no map in it can be served."""
+    if directory is None or directory.is_dir():
+        return
+    why = "does not exist" if not directory.exists() else "is not a directory"
+    log.warning("--maps %s %s: no map is served from it until it is created", directory, why)
 
 
 def _loop_watch(directory: Path) -> DirectoryWatch | None:
@@ -526,17 +654,19 @@ def run(config: ServerConfig) -> int:
     tables = {map_name(config.db): config.db} if config.db is not None else {}
     # Each new version of a file is copied and checked by a child process before
     # it is served (snapshot.py); the hub keeps serving the current one meanwhile.
+    _check_maps_directory(config.maps)
+    checks = CheckStats()
     maps = Maps(
         tables,
         config.maps,
         fold_keys=config.fold_keys,
-        take=snapshot.in_child(gevent.sleep),
+        take=checks.counting(snapshot.in_child(gevent.sleep)),
         sleep=gevent.sleep,
         watcher=_loop_watch,
     )
     maps.open_all()  # before READY
     endpoints = open_endpoints(config)
-    server = Server(config, maps, endpoints)
+    server = Server(config, maps, endpoints, checks)
     gevent.signal_handler(signal.SIGTERM, server.request_stop)
     gevent.signal_handler(signal.SIGINT, server.request_stop)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(_reload, server, maps, notifier))
@@ -583,6 +713,7 @@ def _watchdog(notifier: Notifier, interval: float) -> None:
 def _reload(server: Server, maps: Maps, notifier: Notifier) -> None:
     paths = [str(live.path) for _, live in maps] or [f"{maps.directory}/*.lmdb"]
     log.info("SIGHUP: re-opening %s", ", ".join(paths))
+    server.stats.reloads += 1
     notifier.reloading()
     try:
         maps.refresh_all(force=True)

@@ -64,7 +64,7 @@ def logical_lines(lines: Iterable[bytes]) -> Iterator[LogicalLine | Problem]:
     for lineno, raw in enumerate(lines, 1):
         line = raw
         if line.endswith(b"\n"):
-            line = line[:-1].removesuffix(b"\r")  # CRLF files
+            line = line[:-1]  # a CR stays: postmap keeps one inside a continued line
         body = line.lstrip(_SPACE_BYTES)
         if not body or body.startswith(b"#"):
             continue
@@ -256,9 +256,15 @@ def split_alias(text: str, names: AliasNames = "internal") -> tuple[str, str]:
 
 
 def detect_syntax(text: str) -> Syntax:
-    """Guess the syntax from the first logical line: "name: value" means aliases."""
+    """Guess the syntax from the first logical line: "name: value" means aliases,
+    unless the name has a domain, which aliases(5) refuses ("name must be local"):
+    "postmaster@example.com: admin" is a postmap line (postmap warns about it).
+    """
     end = _postmap_key_end(text)
     key, value = text[:end], text[end:].strip(SPACE)
+    name = key.partition(":")[0]
+    if "@" in name and not any(c in name for c in '"\\'):  # a quoted '@' is local
+        return "postmap"
     if key.endswith(":"):
         return "aliases"
     if not value and 0 < key.find(":") < len(key) - 1:

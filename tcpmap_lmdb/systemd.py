@@ -17,6 +17,8 @@ from systemd import daemon
 log = logging.getLogger(__name__)
 
 SYSLOG_IDENTIFIER = "tcpmap-server"
+# syslog(3)'s LOG_MAIL: rsyslog files the lines in /var/log/mail.log, beside Postfix's.
+SYSLOG_FACILITY = 2
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,9 @@ def setup_logging(verbose: bool) -> None:
     if under_journal():
         from systemd.journal import JournalHandler  # noqa: PLC0415 - only under systemd
 
-        handler = JournalHandler(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
+        handler = JournalHandler(
+            SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER, SYSLOG_FACILITY=str(SYSLOG_FACILITY)
+        )
         # The journal adds the time, the unit and the priority itself.
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:

@@ -18,7 +18,7 @@ from typing import Any
 
 import lmdb
 
-from .dbformat import MAX_KEY_BYTES, META_KEY, BuildInfo, fold
+from .dbformat import MAX_KEY_BYTES, META_KEYS, BuildInfo, count, fold
 from .snapshot import Signature, Snapshot, SnapshotRetry, TableError, Taker, take
 from .watch import DirectoryWatch, Watcher, watch
 
@@ -130,7 +130,7 @@ class Table:
     def describe(self) -> str:
         syntax = f"{self.info.syntax} syntax" if self.info else "built by Postfix"
         folding = "folded" if self.folded else "case-sensitive"
-        return f"{self.path}: {self.records} records ({syntax}, {folding})"
+        return f"{self.path}: {count(self.records, 'record')} ({syntax}, {folding})"
 
     def close(self) -> None:
         if self._txn is not None:
@@ -142,7 +142,7 @@ class Table:
 
 def _read_info(env: Any) -> BuildInfo | None:
     with env.begin() as txn:
-        raw = txn.get(META_KEY)
+        raw = next(filter(None, map(txn.get, META_KEYS)), None)  # this version's, or 0.1's
     if raw is None:
         return None
     try:
@@ -287,6 +287,14 @@ class LiveTable:
         self._retry_at = None
         self._backoff = RETRY_FIRST
         log.info("opened %s", new.describe(), extra={"TABLE": str(self.path)})
+        if new.info is not None and new.info.long_values:
+            log.warning(
+                "%s holds %s too long for a tcp_table reply (tcpmap-build --long-values): "
+                "tcp_table lookups of those keys are answered 400; socketmap answers them",
+                self.path,
+                count(new.info.long_values, "value"),
+                extra={"TABLE": str(self.path)},
+            )
 
     def _postpone(self, current: Signature, reason: str) -> None:
         """Take the snapshot again after a back-off; keep serving what we have."""

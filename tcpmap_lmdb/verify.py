@@ -57,6 +57,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from .dbformat import not_a_table
+
 # mdb.c: page flags, node flags, magic and version, the main DB's index.
 P_BRANCH = 0x01
 P_LEAF = 0x02
@@ -114,7 +116,8 @@ def _pick_meta(path: Path, buf: memoryview, size: int) -> tuple[int, int, int, i
         meta = _META.unpack_from(buf, offset + PAGE_HEADER)
         magic, version, psize = meta[0], meta[1], meta[4]
         if not page_flags & P_META or magic != MDB_MAGIC:
-            raise Corrupt(unreadable)
+            # What the file is instead (text, Berkeley DB...), and what to do.
+            raise Corrupt(not_a_table(path, bytes(buf[:64])) if offset == 0 else unreadable)
         if version != MDB_DATA_VERSION:
             raise Corrupt(f"{unreadable}: data format version {version}")
         if psize & (psize - 1) or not 256 <= psize <= 65536:

@@ -29,7 +29,7 @@ SUITES = ("bookworm", "trixie")  # Debian 12 (oldstable), Debian 13 (stable)
 PACKAGES = ",".join(
     (
         "systemd,systemd-sysv,dbus,procps,iproute2,util-linux",
-        "python3,python3-gevent,python3-lmdb,python3-systemd",
+        "python3,python3-gevent,python3-lmdb,python3-systemd,python3-prometheus-client",
         "postfix,postfix-lmdb",
         "python3-pytest,python3-hypothesis,python3-venv,python3-setuptools,python3-wheel",
     )

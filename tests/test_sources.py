@@ -84,9 +84,10 @@ def test_leading_continuation_is_an_error() -> None:
     ]
 
 
-def test_crlf_is_stripped() -> None:
-    """A CR before LF is dropped, so CRLF files parse like LF files."""
-    assert logical(b"a b\r\n  c\r\n") == [LogicalLine(1, "a b  c")]
+def test_crlf_keeps_the_cr_inside_a_continued_line() -> None:
+    """As postmap's readllines(): only the LF goes; the split trims a CR at the end."""
+    assert logical(b"a b\r\n  c\r\n") == [LogicalLine(1, "a b\r  c\r")]
+    assert pairs(b"a b\r\n  c\r\nd e\r\n") == [(b"a", b"b\r  c"), (b"d", b"e")]
 
 
 def test_last_line_without_newline() -> None:

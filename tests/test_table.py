@@ -127,7 +127,7 @@ def test_build_record_is_read(db: Path, make_table: MakeTable) -> None:
 
 def test_unreadable_build_record_is_ignored(db: Path, make_table: MakeTable) -> None:
     """A META_KEY value that is not ours leaves a usable table with Postfix defaults."""
-    make_table(db, {b"alice": b"a", dbformat.META_KEY[:-1]: b"not json"}, info=False)
+    make_table(db, {b"alice": b"a", dbformat.OLD_META_KEY[:-1]: b"not json"}, info=False)
     table = Table.open(db)
     try:
         assert table.info is None

@@ -217,6 +217,7 @@ check "upgrade keeps the edit to /etc/default/tcpmap" \
 check "upgrade keeps tcpmap.socket enabled" is tcpmap.socket is-enabled enabled
 check "upgrade restarts the running tcpmap.service" restarted "$before"
 check "the restarted service keeps the edited options" runs_with "--idle-timeout 300"
+check "tcpmap-metrics.socket is installed, not enabled" is tcpmap-metrics.socket is-enabled disabled
 
 # --- reload, logs, restart ---------------------------------------------------------
 
@@ -375,6 +376,19 @@ check "the socketmap socket is Postfix's, mode 0660" \
 check "postmap -q KEY socketmap:unix:...:virtual answers" \
     expect "$ALICE" lookup alice@example.com "socketmap:unix:$SOCKETMAP:virtual"
 check "tcp:127.0.0.1:4242 still answers" expect "$ALICE" lookup alice@example.com tcp:127.0.0.1:4242
+
+scraped() { # scraped LINE: a line of the metrics from tcpmap-metrics.socket (127.0.0.1:9612)
+    python3 -c 'import urllib.request as u
+print(u.urlopen("http://127.0.0.1:9612/metrics", timeout=30).read().decode())' | grep -qxF "$1"
+}
+check "systemctl stop tcpmap.service" systemctl stop tcpmap.service
+check "systemctl enable --now tcpmap-metrics.socket" systemctl enable --now tcpmap-metrics.socket
+check "a lookup after enabling the metrics socket" \
+    expect "$ALICE" lookup alice@example.com tcp:127.0.0.1:4242
+check "the metrics count that lookup" \
+    scraped 'tcpmap_lookups_total{map="virtual",protocol="tcp_table",result="found"} 1.0'
+check "journal entries carry SYSLOG_FACILITY=2 (mail)" \
+    sh -c 'journalctl -u tcpmap -o json --no-pager | grep -q "\"SYSLOG_FACILITY\":\"2\""'
 check "no traceback in journalctl -u tcpmap" no_traceback
 
 # --- purge ------------------------------------------------------------------------
@@ -387,6 +401,7 @@ check "purge removes the socket's enable link" \
     test ! -e /etc/systemd/system/sockets.target.wants/tcpmap.socket
 check "purge stops tcpmap.service" is tcpmap.service is-active inactive
 check "purge stops tcpmap-socketmap.socket" is tcpmap-socketmap.socket is-active inactive
+check "purge stops tcpmap-metrics.socket" is tcpmap-metrics.socket is-active inactive
 check "purge removes the socketmap socket file" test ! -e "$SOCKETMAP"
 check "nothing listens on port 4242 after the purge" not_listening
 check "purge keeps the admin's table in /var/lib/tcpmap" test -f "$DB"
