@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import resource
 import signal
 import socket
@@ -20,14 +21,14 @@ import gevent.socket
 import greenlet
 from gevent.server import StreamServer
 
-from . import verify
-from .config import SOCKETMAP, Binding, ServerConfig
+from . import handoff, verify
+from .config import SOCKETMAP, Binding, ConfigError, ServerConfig
 from .dbformat import map_name
 from .listeners import Endpoint, format_address, open_endpoints, remove_socket_files
 from .maps import Maps, UnknownMap
 from .responder import Responder, SocketmapResponder
 from .sessions import Session, SocketmapSession, TcpTableSession
-from .systemd import Notifier
+from .systemd import Listener, Notifier, inherited_sockets
 from .table import TableError
 from .watch import DirectoryWatch, watch
 
@@ -45,26 +46,72 @@ class _Stopping(Exception):
     """Thrown into idle connections when the server shuts down."""
 
 
+class _HandOff(Exception):
+    """Thrown into idle connections when the server shuts down and keeps them (handoff.py)."""
+
+
 class Server:
     """Serves the maps on the given endpoints, each with its own protocol."""
 
-    def __init__(self, config: ServerConfig, maps: Maps, endpoints: Iterable[Endpoint]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        maps: Maps,
+        endpoints: Iterable[Endpoint],
+        fdstore: handoff.FdStore | None = None,
+    ) -> None:
         self._config = config
+        self._maps = maps
         self._pool = gevent.pool.Pool(config.max_connections)
         self._endpoints = list(endpoints)
         self._servers = [
-            StreamServer(
-                endpoint.sock,
-                _Handler(self, session_factory(endpoint.binding, maps, config)).handle,
-                spawn=self._pool,
-            )
+            StreamServer(endpoint.sock, self._handler(endpoint.binding).handle, spawn=self._pool)
             for endpoint in self._endpoints
         ]
         self._wires: set[_Wire] = set()
+        # On a stop, idle connections go to systemd's file descriptor store.
+        self._fdstore = fdstore if fdstore is not None and fdstore.enabled else None
+        self._kept: dict[str, list[int]] = {}  # FDNAME -> duplicates to store
         self._stopping = False
         self._stop_requested = gevent.event.Event()
         self.connections = 0
         self.lookups = 0
+
+    def _handler(self, binding: Binding) -> _Handler:
+        return _Handler(self, session_factory(binding, self._maps, self._config), binding)
+
+    def adopt(self, connections: Iterable[Listener]) -> int:
+        """Serve connections a previous instance left in the file descriptor store.
+
+        Each is served with the protocol and map of the listener it was
+        accepted on (its FDNAME). The names are then dropped from the store:
+        systemd keeps a duplicate of each, so closing one later would
+        otherwise not reach its client. Returns how many are served.
+        """
+        adopted = 0
+        names = set()
+        for conn in connections:
+            names.add(conn.name)
+            binding = handoff.binding_of(conn.name)
+            try:
+                if binding is None:
+                    raise ConfigError(f"unknown kind {conn.name!r}")
+                self._config.check_binding(binding, f"stored connection {conn.name!r}")
+                peer = conn.sock.getpeername()
+            except (ConfigError, OSError) as exc:
+                log.warning("closing a connection from the file descriptor store: %s", exc)
+                conn.sock.close()
+                continue
+            if self._pool.full():
+                conn.sock.close()
+                continue
+            self._pool.spawn(self._handler(binding).handle, conn.sock, peer)
+            adopted += 1
+        if self._fdstore is not None and names:
+            self._fdstore.forget(names)
+        if adopted:
+            log.info("serving %s from before the restart", _count(adopted, "connection"))
+        return adopted
 
     def start(self) -> None:
         _raise_fd_limit(self._config.max_connections)
@@ -90,23 +137,35 @@ class Server:
             server.close()
         for wire in self._wires:
             if wire.waiting:
-                wire.stop(_Stopping)
+                wire.stop(_HandOff if self._fdstore is not None else _Stopping)
         self._pool.join(timeout=self._config.stop_timeout)
         self._pool.kill(timeout=1)
+        if self._fdstore is not None and self._kept:
+            kept = sum(len(fds) for fds in self._kept.values())
+            stored = self._fdstore.store(self._kept)
+            for fds in self._kept.values():
+                for fd in fds:
+                    os.close(fd)
+            self._kept.clear()
+            log.info(
+                "handed %s to systemd's file descriptor store (%d taken)",
+                _count(kept, "connection"),
+                stored,
+            )
         log.info("stopped after %d lookups", self.lookups)
 
     # --- one connection -----------------------------------------------------
 
-    def _handle(
-        self, new_session: SessionFactory, gsock: gevent.socket.socket, address: object
-    ) -> None:
+    def _handle(self, handler: _Handler, gsock: gevent.socket.socket, address: object) -> None:
         self.connections += 1
-        session = new_session()
+        session = handler.new_session()
         wire = _Wire(socket.socket(fileno=gsock.detach()))
         watch = _IdleWatch(self._config.idle_timeout)
         self._wires.add(wire)
         try:
-            while not self._stopping:
+            while not self._stopping or self._fdstore is not None:
+                if self._stopping and self._keep(wire, address, session, watch, handler.fd_name):
+                    return
                 try:
                     data = wire.receive()
                 except _IdleTimeout as exc:
@@ -115,6 +174,8 @@ class Server:
                     continue  # not idle after all: the watch is re-armed, read on
                 except _Stopping:
                     break
+                except _HandOff:
+                    continue  # _keep() decides: now, or once a half-read request is complete
                 if not data or not self._serve(wire, address, session, data, watch):
                     return
             # Shutting down: answer requests that already arrived, then close.
@@ -132,6 +193,22 @@ class Server:
             watch.close()
             wire.close()
             self.connections -= 1
+
+    def _keep(
+        self, wire: _Wire, address: object, session: Session, watch: _IdleWatch, name: str
+    ) -> bool:
+        """While stopping: answer what arrived, then keep the connection for the next instance.
+
+        True when it is kept (or must close); False while a request is only
+        half read: the caller reads on, and the stop timeout bounds that.
+        """
+        pending = wire.pending()
+        if pending and not self._serve(wire, address, session, pending, watch):
+            return True
+        if session.pending:
+            return False
+        self._kept.setdefault(name, []).append(os.dup(wire.sock.fileno()))
+        return True
 
     def _serve(
         self,
@@ -165,14 +242,15 @@ class _Handler:
     which every connection's greenlet would carry, and copy at every switch.
     """
 
-    __slots__ = ("_new_session", "_server")
+    __slots__ = ("_server", "fd_name", "new_session")
 
-    def __init__(self, server: Server, new_session: SessionFactory) -> None:
+    def __init__(self, server: Server, new_session: SessionFactory, binding: Binding) -> None:
         self._server = server
-        self._new_session = new_session
+        self.new_session = new_session
+        self.fd_name = handoff.fd_name(binding)  # what systemd's store calls its connections
 
     def handle(self, sock: gevent.socket.socket, address: object) -> None:
-        self._server._handle(self._new_session, sock, address)
+        self._server._handle(self, sock, address)
 
 
 class _Wire:
@@ -383,12 +461,19 @@ def run(config: ServerConfig) -> int:
         watcher=_loop_watch,
     )
     maps.open_all()  # open and warm before READY: a cold first lookup stalls the hub
-    endpoints = open_endpoints(config)
-    server = Server(config, maps, endpoints)
+    listeners, connections = inherited_sockets()
+    try:
+        endpoints = open_endpoints(config, listeners)
+    except BaseException:
+        for conn in connections:
+            conn.sock.close()
+        raise
+    server = Server(config, maps, endpoints, handoff.FdStore())
     gevent.signal_handler(signal.SIGTERM, server.request_stop)
     gevent.signal_handler(signal.SIGINT, server.request_stop)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(_reload, server, maps, notifier))
     server.start()
+    server.adopt(connections)
     notifier.ready(_status(server, maps))
     helpers: list[gevent.Greenlet[..., None]] = []
     if notifier.enabled:
@@ -402,6 +487,10 @@ def run(config: ServerConfig) -> int:
         remove_socket_files(endpoints)
         maps.close()
     return 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _status(server: Server, maps: Maps) -> str:

@@ -27,6 +27,11 @@ BATCH = 64
 class Session(Protocol):
     def receive(self, data: bytes) -> Iterable[Output]: ...
 
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete request held back (0 between requests)."""
+        ...
+
 
 def _answer(
     answer_all: Callable[[list[bytes]], bytes],
@@ -77,6 +82,10 @@ class TcpTableSession:
         # The over-long line itself is answered: one request more.
         return _answer(self._responder.answer_all, lines, close, _LINE_TOO_LONG)
 
+    @property
+    def pending(self) -> int:
+        return self._buffer.pending
+
 
 class SocketmapSession:
     """socketmap_table(5): netstrings; a framing error closes the connection.
@@ -97,3 +106,7 @@ class SocketmapSession:
         except socketmap.NetstringError as exc:
             payloads, close = exc.payloads, str(exc)
         return _answer(self._responder.answer_all, payloads, close, _HANG_UP)
+
+    @property
+    def pending(self) -> int:
+        return self._buffer.pending

@@ -82,6 +82,11 @@ class NetstringBuffer:
         self._chunks, self._held = ([rest] if rest else []), len(rest)
         return payloads
 
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete netstring held back."""
+        return self._held
+
     def _split(self, buffer: bytes, payloads: list[bytes]) -> tuple[int, int]:
         """Append complete payloads: (where the incomplete rest starts, bytes it needs)."""
         start = 0
