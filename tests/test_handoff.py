@@ -225,3 +225,44 @@ def test_without_a_notify_socket_a_stop_closes_connections(db: Path) -> None:
             assert client.recv(1) == b""
     finally:
         listener.close()
+
+
+def netstring(payload: bytes) -> bytes:
+    return b"%d:%s," % (len(payload), payload)
+
+
+def test_a_socketmap_connection_comes_back_as_socketmap(db: Path, manager: FakeManager) -> None:
+    """A stored connection is served with its listener's protocol, not the first listener's."""
+    tcp, smap = tcp_listener("127.0.0.1"), tcp_listener("127.0.0.1")
+    env = {"NOTIFY_SOCKET": str(manager.path)}
+
+    def start_both(stored: list[tuple[str, socket.socket]]) -> Activated:
+        since = manager.mark()
+        names = ["tcp_table", "socketmap", *(name for name, _ in stored)]
+        sockets = [tcp, smap, *(sock for _, sock in stored)]
+        server = Activated(exec_start(db), sockets, names, env=env)
+        for _, sock in stored:
+            sock.close()
+        manager.wait_for("READY", since)
+        return server
+
+    request = netstring(b"virtual alice@example.com")
+    wanted = netstring(b"OK alice@example.net")
+    first = start_both([])
+    client = socket.create_connection(smap.getsockname(), timeout=TIMEOUT)
+    try:
+        client.sendall(request)
+        assert client.recv(4096) == wanted
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(TIMEOUT) == 0
+        assert manager.names() == ["conn.socketmap"]
+        second = start_both(manager.take_store())
+        try:
+            client.sendall(request)
+            assert client.recv(4096) == wanted
+        finally:
+            second.stop()
+    finally:
+        client.close()
+        tcp.close()
+        smap.close()
