@@ -15,7 +15,7 @@ from pathlib import Path
 import gevent.socket
 
 from .config import Address, Binding, ConfigError, ListenSpec, ServerConfig
-from .systemd import inherited_listeners
+from .systemd import Listener
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,11 @@ class Endpoint:
         return format_address(self.sock.getsockname())
 
 
-def open_endpoints(config: ServerConfig) -> list[Endpoint]:
-    """The sockets systemd passed, if any; else the --listen ones (or the default)."""
-    inherited = inherited_listeners()
+def open_endpoints(config: ServerConfig, inherited: list[Listener]) -> list[Endpoint]:
+    """The listening sockets systemd passed (INHERITED), if any; else the --listen ones.
+
+    Without either, the default address.
+    """
     if not inherited:
         return _bind_all(config.listen or (config.default_listen,))
     if config.listen:

@@ -222,8 +222,11 @@ class LineBuffer:
 
     @property
     def pending(self) -> int:
-        """Bytes of an incomplete line held back."""
-        return len(self._buffer)
+        """Bytes of an incomplete line held back; 1 more while an over-long one is dropped.
+
+        0 only between requests (handoff.py hands a connection over only then).
+        """
+        return len(self._buffer) + (self._skipping is not None)
 
 
 # --- replies ----------------------------------------------------------------

@@ -6,6 +6,7 @@ import contextlib
 import enum
 import functools
 import logging
+import os
 import resource
 import signal
 import socket
@@ -22,11 +23,11 @@ import gevent.socket
 import greenlet
 from gevent.server import StreamServer
 
-from . import snapshot
+from . import handoff, snapshot
 from .admission import BacklogWatch, OutputBudget
-from .config import METRICS, SOCKETMAP, Binding, ServerConfig
+from .config import METRICS, SOCKETMAP, Binding, ConfigError, ServerConfig
 from .counters import LATENCY_OFFSET, CheckStats, Latency, ServerStats
-from .dbformat import map_name
+from .dbformat import count, map_name
 from .listeners import Endpoint, client_key, format_address, open_endpoints, remove_socket_files
 from .maps import Maps, UnknownMap
 from .ratelimit import WarningLimiter
@@ -37,7 +38,7 @@ from .responder import (
     SocketmapResponder,
 )
 from .sessions import Session, SocketmapSession, TcpTableSession
-from .systemd import Notifier
+from .systemd import Listener, Notifier, inherited_sockets
 from .table import TableError
 from .watch import DirectoryWatch, watch
 
@@ -65,6 +66,10 @@ class _Stopping(Exception):
     """Thrown into idle connections when the server shuts down."""
 
 
+class _HandOff(Exception):
+    """Thrown into idle connections when the server stops and keeps them (handoff.py)."""
+
+
 class _Evicted(Exception):
     """Thrown into the connection idle longest when a newcomer needs its slot."""
 
@@ -83,8 +88,14 @@ class Server:
         maps: Maps,
         endpoints: Iterable[Endpoint],
         checks: CheckStats | None = None,
+        fdstore: handoff.FdStore | None = None,
     ) -> None:
         self._config = config
+        self._maps = maps
+        self._handles: dict[Binding, Callable[[Any, object], None]] = {}
+        # On a stop, idle connections go to systemd's file descriptor store.
+        self._fdstore = fdstore if fdstore is not None and fdstore.enabled else None
+        self._kept: dict[str, list[int]] = {}  # FDNAME -> duplicates to store
         self._pool = gevent.pool.Pool(config.max_connections)
         self._endpoints = list(endpoints)
         self.stats = ServerStats()
@@ -117,14 +128,58 @@ class Server:
         self.lookups = 0
 
     def _handler(self, binding: Binding, maps: Maps) -> Callable[[Any, object], None]:
-        """StreamServer's handle for a listener: with -v, one that logs every lookup."""
+        """StreamServer's handle for a listener: with -v, one that logs every lookup.
+
+        One per binding: connections kept across a restart (adopt) share it.
+        """
+        handle = self._handles.get(binding)
+        if handle is not None:
+            return handle
         responder = _responder(binding, maps, self._config)
         self.responders.append(responder)
+        name = handoff.fd_name(binding)
         if self._config.verbose:
-            return _LoggedHandler(self, responder, binding.map or self._config.db_name).handle
-        if isinstance(responder, SocketmapResponder):
-            return _Handler(self, functools.partial(SocketmapSession, responder)).handle
-        return _Handler(self, functools.partial(TcpTableSession, responder)).handle
+            db = binding.map or self._config.db_name
+            handle = _LoggedHandler(self, responder, db, name).handle
+        elif isinstance(responder, SocketmapResponder):
+            handle = _Handler(self, functools.partial(SocketmapSession, responder), name).handle
+        else:
+            handle = _Handler(self, functools.partial(TcpTableSession, responder), name).handle
+        self._handles[binding] = handle
+        return handle
+
+    def adopt(self, connections: Iterable[Listener]) -> int:
+        """Serve connections a previous instance left in the file descriptor store.
+
+        Each is served with the protocol and map of the listener it was
+        accepted on (its FDNAME). The names are then dropped from the store:
+        systemd keeps a duplicate of each, so closing one later would
+        otherwise not reach its client. Returns how many are served.
+        """
+        adopted = 0
+        names = set()
+        for conn in connections:
+            names.add(conn.name)
+            binding = handoff.binding_of(conn.name)
+            try:
+                if binding is None:
+                    raise ConfigError(f"unknown kind {conn.name!r}")
+                self._config.check_binding(binding, f"stored connection {conn.name!r}")
+                peer = conn.sock.getpeername()
+            except (ConfigError, OSError) as exc:
+                log.warning("closing a connection from the file descriptor store: %s", exc)
+                conn.sock.close()
+                continue
+            if self._pool.full():
+                conn.sock.close()
+                continue
+            self._pool.spawn(self._handler(binding, self._maps), conn.sock, peer)
+            adopted += 1
+        if self._fdstore is not None and names:
+            self._fdstore.forget(names)
+        if adopted:
+            log.info("serving %s from before the restart", count(adopted, "connection"))
+        return adopted
 
     def _metrics_servers(
         self, endpoints: list[Endpoint], maps: Maps, checks: CheckStats
@@ -168,9 +223,21 @@ class Server:
         self._backlog.close()
         for wire in self._wires:
             if wire.waiting:
-                wire.stop(_Stopping)
+                wire.stop(_HandOff if self._fdstore is not None else _Stopping)
         self._pool.join(timeout=self._config.stop_timeout)
         self._pool.kill(timeout=1)
+        if self._fdstore is not None and self._kept:
+            kept = sum(len(fds) for fds in self._kept.values())
+            stored = self._fdstore.store(self._kept)
+            for fds in self._kept.values():
+                for fd in fds:
+                    os.close(fd)
+            self._kept.clear()
+            log.info(
+                "handed %s to systemd's file descriptor store (%d taken)",
+                count(kept, "connection"),
+                stored,
+            )
         if self._summaries is not None:
             self._summaries.kill()
         self._log_summaries()
@@ -192,11 +259,11 @@ class Server:
             self._log_summaries()
 
     def _log_summaries(self) -> None:
-        for client, count in self.warnings.expired():
+        for client, suppressed in self.warnings.expired():
             log.warning(
                 "%s: %d more warnings suppressed in %ds",
                 client,
-                count,
+                suppressed,
                 self.warnings.window,
                 extra={"CLIENT": client},
             )
@@ -239,7 +306,11 @@ class Server:
     # --- one connection -----------------------------------------------------
 
     def _handle(
-        self, new_session: SessionFactory, gsock: gevent.socket.socket, address: object
+        self,
+        new_session: SessionFactory,
+        gsock: gevent.socket.socket,
+        address: object,
+        fd_name: str,
     ) -> None:
         self.connections += 1
         self.stats.accepted += 1
@@ -251,7 +322,7 @@ class Server:
             self._backlog.start()  # a newcomer will close the connection idle longest
         reason = CloseReason.CLIENT
         try:
-            reason = self._converse(wire, address, session, watch)
+            reason = self._converse(wire, address, session, watch, fd_name)
         except _IdleTimeout:  # silent, or not reading its replies
             reason = CloseReason.IDLE
             log.debug("%s: idle for %ss, closing", format_address(address), watch.idle)
@@ -275,10 +346,16 @@ class Server:
             self.stats.closed[reason] += 1
 
     def _converse(
-        self, wire: _Wire, address: object, session: Session, watch: _IdleWatch
+        self, wire: _Wire, address: object, session: Session, watch: _IdleWatch, fd_name: str
     ) -> CloseReason:
-        """Read and answer until the client hangs up, errs, or the server stops."""
-        while not self._stopping:
+        """Read and answer until the client hangs up, errs, or the server stops.
+
+        Stopping with a file descriptor store, the connection is kept for the
+        next instance (under FD_NAME) once nothing of a request is half read.
+        """
+        while not self._stopping or self._fdstore is not None:
+            if self._stopping and self._keep(wire, address, session, watch, fd_name):
+                return CloseReason.SHUTDOWN
             try:
                 data = wire.receive()
             except _IdleTimeout as exc:
@@ -287,6 +364,8 @@ class Server:
                 continue  # not idle after all: the watch is re-armed, read on
             except _Stopping:
                 break
+            except _HandOff:
+                continue  # _keep() decides: now, or once a half-read request is complete
             if not data:
                 return CloseReason.CLIENT
             if not self._serve(wire, address, session, data, watch):
@@ -296,6 +375,22 @@ class Server:
         if pending:
             self._serve(wire, address, session, pending, watch)
         return CloseReason.SHUTDOWN
+
+    def _keep(
+        self, wire: _Wire, address: object, session: Session, watch: _IdleWatch, name: str
+    ) -> bool:
+        """While stopping: answer what arrived, then keep the connection for the next instance.
+
+        True when it is kept (or must close); False while a request is only
+        half read: the caller reads on, and the stop timeout bounds that.
+        """
+        pending = wire.pending()
+        if pending and not self._serve(wire, address, session, pending, watch):
+            return True
+        if session.pending:
+            return False
+        self._kept.setdefault(name, []).append(os.dup(wire.sock.fileno()))
+        return True
 
     def _serve(
         self,
@@ -366,27 +461,33 @@ class _Handler:
     which every connection's greenlet would carry, and copy at every switch.
     """
 
-    __slots__ = ("_new_session", "_server")
+    __slots__ = ("_fd_name", "_new_session", "_server")
 
-    def __init__(self, server: Server, new_session: SessionFactory) -> None:
+    def __init__(self, server: Server, new_session: SessionFactory, fd_name: str) -> None:
         self._server = server
         self._new_session = new_session
+        self._fd_name = fd_name  # what systemd's store calls its connections (handoff.py)
 
     def handle(self, sock: gevent.socket.socket, address: object) -> None:
-        self._server._handle(self._new_session, sock, address)
+        self._server._handle(self._new_session, sock, address, self._fd_name)
 
 
 class _LoggedHandler:
     """StreamServer's handle with -v: each connection's session logs its lookups."""
 
-    __slots__ = ("_name", "_responder", "_server")
+    __slots__ = ("_fd_name", "_name", "_responder", "_server")
 
     def __init__(
-        self, server: Server, responder: Responder | SocketmapResponder, name: str | None
+        self,
+        server: Server,
+        responder: Responder | SocketmapResponder,
+        name: str | None,
+        fd_name: str,
     ) -> None:
         self._server = server
         self._responder = responder
         self._name = name or ""
+        self._fd_name = fd_name
 
     def handle(self, sock: gevent.socket.socket, address: object) -> None:
         peer = format_address(address)
@@ -398,7 +499,7 @@ class _LoggedHandler:
             factory = functools.partial(
                 TcpTableSession, LoggedResponder(self._responder, peer, self._name)
             )
-        self._server._handle(factory, sock, address)
+        self._server._handle(factory, sock, address, self._fd_name)
 
 
 class _Wire:
@@ -665,12 +766,19 @@ def run(config: ServerConfig) -> int:
         watcher=_loop_watch,
     )
     maps.open_all()  # before READY
-    endpoints = open_endpoints(config)
-    server = Server(config, maps, endpoints, checks)
+    listeners, connections = inherited_sockets()
+    try:
+        endpoints = open_endpoints(config, listeners)
+    except BaseException:
+        for conn in connections:
+            conn.sock.close()
+        raise
+    server = Server(config, maps, endpoints, checks, handoff.FdStore())
     gevent.signal_handler(signal.SIGTERM, server.request_stop)
     gevent.signal_handler(signal.SIGINT, server.request_stop)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(_reload, server, maps, notifier))
     server.start()
+    server.adopt(connections)
     notifier.ready(_status(server, maps))
     helpers: list[gevent.Greenlet[..., None]] = []
     if notifier.enabled:

@@ -31,6 +31,11 @@ _Request = TypeVar("_Request")
 class Session(Protocol):
     def receive(self, data: bytes) -> Iterable[Output]: ...
 
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete request held back (0 between requests)."""
+        ...
+
 
 def _batches(
     requests: Iterator[_Request],
@@ -77,6 +82,10 @@ class TcpTableSession:
         return _batches(
             self._buffer.lines(data), self._answer, (protocol.WrongProtocol,), _tcp_table_refusal
         )
+
+    @property
+    def pending(self) -> int:
+        return self._buffer.pending
 
     def _answer(self, line: protocol.Line) -> bytes:
         if type(line) is bytes:
@@ -127,6 +136,10 @@ class SocketmapSession:
             (socketmap.NetstringError,),
             _socketmap_refusal,
         )
+
+    @property
+    def pending(self) -> int:
+        return self._buffer.pending
 
 
 def _socketmap_refusal(exc: Exception) -> bytes:

@@ -122,6 +122,15 @@ class NetstringBuffer:
             return None
         return data[colon + 1 : -1]
 
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete netstring held back, at least 1 while one is begun.
+
+        0 only between requests (handoff.py hands a connection over only then).
+        """
+        begun = self._state != _LENGTH or bool(self._digits)
+        return len(self._digits) + len(self._held) + begun
+
     def payloads(self, data: bytes) -> Iterator[Payload]:
         """Add received bytes; yield each complete payload in order.
 

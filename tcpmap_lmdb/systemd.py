@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass
 
@@ -16,6 +17,9 @@ from systemd import daemon
 
 log = logging.getLogger(__name__)
 
+# Names of connections kept in the file descriptor store (handoff.py).
+CONNECTION_PREFIX = "conn."
+
 SYSLOG_IDENTIFIER = "tcpmap-server"
 # syslog(3)'s LOG_MAIL: rsyslog files the lines in /var/log/mail.log, beside Postfix's.
 SYSLOG_FACILITY = 2
@@ -23,23 +27,34 @@ SYSLOG_FACILITY = 2
 
 @dataclass(frozen=True)
 class Listener:
-    name: str  # FileDescriptorName= of the socket unit ("unknown" when unnamed)
+    name: str  # FileDescriptorName= of the socket unit ("unknown" when unnamed), or FDNAME=
     sock: gevent.socket.socket
 
 
-def inherited_listeners() -> list[Listener]:
-    """The listening sockets systemd passed (LISTEN_FDS), in order; [] if none.
+def inherited_sockets() -> tuple[list[Listener], list[Listener]]:
+    """What systemd passed (LISTEN_FDS), in order: (listening sockets, connections).
 
-    They arrive blocking unless the unit sets NonBlocking=yes, and a blocking
-    listener freezes the gevent hub in accept() (engineering-notes.md finding 1):
+    Connections are those the previous instance left in the file descriptor
+    store (handoff.py; their names start with ``conn.``). Listeners arrive
+    blocking unless the unit sets NonBlocking=yes, and a blocking listener
+    freezes the gevent hub in accept() (engineering-notes.md finding 1):
     gevent.socket.socket(fileno=...) makes each one non-blocking.
     """
     fds = daemon.listen_fds_with_names(unset_environment=True)
-    listeners = []
+    listeners: list[Listener] = []
+    connections: list[Listener] = []
     for fd, name in sorted(fds.items()):
         sock = gevent.socket.socket(fileno=fd)
-        listeners.append(Listener(name, sock))
-    return listeners
+        stored = name.startswith(CONNECTION_PREFIX) and not _listening(sock)
+        (connections if stored else listeners).append(Listener(name, sock))
+    return listeners, connections
+
+
+def _listening(sock: gevent.socket.socket) -> bool:
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
 
 
 class Notifier:

@@ -88,12 +88,37 @@ wait_for() { # wait_for FILE: until FILE exists, at most 30 s
     done
 }
 
-start_client() { # start_client NAME: client.py connecting over and over, in the background
-    rm -f "$T/$1.ready" "$T/$1.stop"
-    python3 "$T/client.py" --ready "$T/$1.ready" --stop "$T/$1.stop" \
-        127.0.0.1 4242 alice@example.com "$ALICE" >"$T/$1.out" 2>&1 &
+start_client() { # start_client NAME [--persistent N]: client.py looking up, in the background
+    name=$1
+    shift
+    rm -f "$T/$name.ready" "$T/$name.stop"
+    python3 "$T/client.py" --ready "$T/$name.ready" --stop "$T/$name.stop" "$@" \
+        127.0.0.1 4242 alice@example.com "$ALICE" >"$T/$name.out" 2>&1 &
     client_pid=$!
+    wait_for "$T/$name.ready"
+}
+
+answers_again() { # answers_again NAME: the client gets 20 more answers (at most 30 s)
+    rm -f "$T/$1.ready"
     wait_for "$T/$1.ready"
+    [ -e "$T/$1.ready" ] || { cat "$T/$1.out"; return 1; }
+}
+
+stored_fds() { # the number of descriptors in tcpmap.service's file descriptor store
+    systemctl show -P NFileDescriptorStore tcpmap.service
+}
+
+eof_on_stop() { # a connection held across `systemctl stop tcpmap.service` sees EOF
+    python3 - "$ALICE" <<'PY'
+import socket, subprocess, sys
+conn = socket.create_connection(("127.0.0.1", 4242), timeout=30)
+conn.sendall(b"get alice@example.com\n")
+reply = conn.recv(4096)
+assert reply == f"200 {sys.argv[1]}\n".encode(), reply
+subprocess.run(["systemctl", "stop", "tcpmap.service"], check=True)
+assert conn.recv(1) == b"", "the connection stayed open after systemctl stop"
+print("EOF after systemctl stop")
+PY
 }
 
 stop_client() { # stop_client NAME: stop it, keep its exit status for client_ok
@@ -209,6 +234,14 @@ start_client upgrade
 check "upgrade to $(basename "$CURRENT")" install_deb "$CURRENT"
 stop_client upgrade
 check "upgrade refuses no connection" client_ok upgrade
+before=$(main_pid)
+start_client upgrade-kept --persistent 8
+check "reinstall $(basename "$CURRENT") (persistent connections)" \
+    apt-get install -y -q --reinstall "$CURRENT" </dev/null
+check "lookups go on over the same connections after the upgrade" answers_again upgrade-kept
+stop_client upgrade-kept
+check "an upgrade closes no persistent connection (file descriptor store)" client_ok upgrade-kept
+check "the upgrade restarted tcpmap.service" restarted "$before"
 # shellcheck disable=SC2016 # ${Version} is dpkg-query's, not the shell's
 check "upgrade installs the new version" \
     expect "$(dpkg-deb -f "$CURRENT" Version)" dpkg-query -W -f '${Version}' tcpmap-lmdb
@@ -237,6 +270,21 @@ check "systemctl restart tcpmap" systemctl restart tcpmap
 stop_client restart
 check "systemctl restart refuses no connection" client_ok restart
 check "systemctl restart started a new process" restarted "$before"
+
+# Persistent connections, as Postfix's processes hold them, go through the file
+# descriptor store: no EOF, every lookup answered, by a new process.
+before=$(main_pid)
+start_client kept --persistent 8
+check "systemctl restart tcpmap (persistent connections)" systemctl restart tcpmap
+check "lookups go on over the same connections after the restart" answers_again kept
+stop_client kept
+check "systemctl restart closes no persistent connection" client_ok kept
+check "the restart started a new process" restarted "$before"
+check "journalctl shows the connections handed over and taken back" journal_shows \
+    "to systemd's file descriptor store" "from before the restart"
+check "the new process emptied the file descriptor store" expect 0 stored_fds
+check "systemctl stop closes a connection (EOF)" eof_on_stop
+check "nothing is left in the store after systemctl stop" expect 0 stored_fds
 
 # --- tables that rebuild themselves: tcpmap-build@.path ----------------------------
 
