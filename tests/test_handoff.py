@@ -98,6 +98,13 @@ class FakeManager:
         with self._changed:
             return [(name, socket.socket(fileno=os.dup(fd))) for name, fd in self.stored]
 
+    def close_store(self) -> None:
+        """Close what the store holds, as systemd does when the unit stops for good."""
+        with self._changed:
+            for _, fd in self.stored:
+                os.close(fd)
+            self.stored.clear()
+
     def close(self) -> None:
         self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
@@ -266,3 +273,58 @@ def test_a_socketmap_connection_comes_back_as_socketmap(db: Path, manager: FakeM
         client.close()
         tcp.close()
         smap.close()
+
+
+# --- a real Postfix across a restart ------------------------------------------------
+
+
+def require_root() -> None:
+    why = "runs a Postfix MTA, which needs root: run as root (make test in CI does)"
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true: {why}", pytrace=False)
+    pytest.skip(why)
+
+
+def restart(
+    server: Activated, db: Path, manager: FakeManager, listener: socket.socket
+) -> Activated:
+    """What `systemctl restart` does: SIGTERM, then a new server with the store's fds."""
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(TIMEOUT) == 0
+    assert manager.names(), "nothing was handed over: the test would prove nothing"
+    return start(db, manager, listener, manager.take_store())
+
+
+def test_postfix_logs_no_eof_and_defers_nothing_across_a_restart(
+    tmp_path: Path, make_table: MakeTable, manager: FakeManager
+) -> None:
+    """Mail through a real Postfix across a server restart: no "unexpected EOF", no deferral."""
+    require_root()
+    from postfix_mta import DOMAIN, Options, PostfixMTA  # noqa: PLC0415 - only as root
+
+    db = make_table(tmp_path / "virtual.lmdb", {f"info@{DOMAIN}": "alice@localhost"})
+    listener = tcp_listener("127.0.0.1")
+    server = start(db, manager, listener)
+    mta = PostfixMTA(Options(f"tcp:127.0.0.1:{listener.getsockname()[1]}"))
+    try:
+        sent = []
+        for round_ in range(3):
+            for _ in range(5):
+                message_id = f"<{os.urandom(8).hex()}@tcpmap-test.invalid>"
+                mta.send([f"info@{DOMAIN}"], message_id)
+                sent.append(message_id)
+            for message_id in sent:
+                mta.wait_delivered("alice", message_id)
+            if round_ < 2:
+                server = restart(server, db, manager, listener)
+        mta.wait_queue_empty()
+        log = mta.log()
+        assert "unexpected EOF" not in log, log
+        assert "status=deferred" not in log, log
+        assert sorted(mta.message_ids("alice")) == sorted(sent)
+    finally:
+        mta.stop()
+        server.stop()
+        listener.close()
