@@ -302,9 +302,12 @@ class TableWriter:
     it was. Errors are _Failed("TARGET: reason").
     """
 
-    def __init__(self, target: Path, map_size: int) -> None:
+    def __init__(self, target: Path, map_size: int, *, count_long: bool = False) -> None:
+        """COUNT_LONG: count values too long for a tcp_table reply (--long-values)."""
         self.target = target
         self.written = 0
+        self.long_values = 0  # of those appended, when COUNT_LONG
+        self._count_long = count_long
         self._map_size = map_size
         self._path = target
         self._tmp: Path | None = None
@@ -346,6 +349,8 @@ class TableWriter:
 
     def append(self, keys: list[bytes], values: list[bytes]) -> None:
         """Records after every record appended so far, in strictly increasing key order."""
+        if self._count_long:
+            self.long_values += too_long_for_tcp_table(values)
         self._keys += keys
         self._values += values
         if len(self._keys) >= BATCH:
@@ -368,6 +373,7 @@ class TableWriter:
         self._env = None
         os.ftruncate(self._fd, 0)
         self.written, self._commits, self._keys, self._values = 0, 0, [], []
+        self.long_values = 0
         with self._errors():
             self._open()
 
@@ -709,7 +715,9 @@ def _build(args: argparse.Namespace) -> int:
         # straight into it. Until it is published, it is a temporary file.
         writer = None
         if not args.check:
-            writer = stack.enter_context(TableWriter(target, _estimate_map_size(source_bytes)))
+            writer = stack.enter_context(
+                TableWriter(target, _estimate_map_size(source_bytes), count_long=args.long_values)
+            )
         tmpdir = Path(args.tmpdir) if args.tmpdir else _run_directory(target)
         sorter = stack.enter_context(
             closing(extsort.Sorter(tmpdir, run_bytes=_run_bytes(), sink=writer))
@@ -773,11 +781,9 @@ def _sort_and_write(job: _Job, stream: BinaryIO) -> int:
         report.flush()
         done = f"{job.name}: {plural(count, 'record')} OK ({how})"
     else:
-        long_values = 0
+        writer = job.writer
         for keys, values in records:
-            job.writer.append(keys, values)
-            if args.long_values:
-                long_values += too_long_for_tcp_table(values)
+            writer.append(keys, values)
 
         def info(count: int) -> BuildInfo:
             return BuildInfo(
@@ -786,7 +792,7 @@ def _sort_and_write(job: _Job, stream: BinaryIO) -> int:
                 records=count,
                 source="stdin" if job.name == "stdin" else os.path.abspath(args.file),
                 built_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                long_values=long_values,
+                long_values=writer.long_values,  # read once all are written
             )
 
         count = job.writer.publish(info, args.mode)

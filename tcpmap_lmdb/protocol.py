@@ -222,11 +222,16 @@ class LineBuffer:
 
     @property
     def pending(self) -> int:
-        """Bytes of an incomplete line held back; 1 more while an over-long one is dropped.
+        """Bytes of an incomplete line held back."""
+        return len(self._buffer)
 
-        0 only between requests (handoff.py hands a connection over only then).
+    @property
+    def mid_request(self) -> bool:
+        """Whether a line has begun (held, or an over-long one being dropped).
+
+        False only between requests: handoff.py hands a connection over only then.
         """
-        return len(self._buffer) + (self._skipping is not None)
+        return bool(self._buffer) or self._skipping is not None
 
 
 # --- replies ----------------------------------------------------------------

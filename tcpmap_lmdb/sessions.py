@@ -85,7 +85,7 @@ class TcpTableSession:
 
     @property
     def pending(self) -> int:
-        return self._buffer.pending
+        return int(self._buffer.mid_request)
 
     def _answer(self, line: protocol.Line) -> bytes:
         if type(line) is bytes:

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from . import verify
+from .dbformat import not_a_table
 
 MFD_NOEXEC_SEAL = 0x0008  # <linux/memfd.h>, Linux 6.3: never mappable PROT_EXEC
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
@@ -146,7 +147,7 @@ def _fill(path: Path, memfd: int) -> tuple[Signature, int]:
     fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, SEALS)
     size = signature.size
     if size == 0:
-        raise TableError(f"{path} is not a readable LMDB file: it is empty")
+        raise TableError(not_a_table(path, b""))
     with mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ) as view:
         try:
             records = verify.check(path, view, size)

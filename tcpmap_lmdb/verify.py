@@ -111,7 +111,9 @@ def _pick_meta(path: Path, buf: memoryview, size: int) -> tuple[int, int, int, i
     offset = 0
     for _ in range(2):
         if size < offset + PAGE_HEADER + _META.size:
-            raise Corrupt(f"{unreadable}: {size} bytes" if offset == 0 else f"{path} is truncated")
+            if offset == 0:  # too short for LMDB: what is it instead?
+                raise Corrupt(not_a_table(path, bytes(buf[:64])))
+            raise Corrupt(f"{path} is truncated")
         _, page_flags, _, _ = _HEADER.unpack_from(buf, offset)
         meta = _META.unpack_from(buf, offset + PAGE_HEADER)
         magic, version, psize = meta[0], meta[1], meta[4]
@@ -119,7 +121,8 @@ def _pick_meta(path: Path, buf: memoryview, size: int) -> tuple[int, int, int, i
             # What the file is instead (text, Berkeley DB...), and what to do.
             raise Corrupt(not_a_table(path, bytes(buf[:64])) if offset == 0 else unreadable)
         if version != MDB_DATA_VERSION:
-            raise Corrupt(f"{unreadable}: data format version {version}")
+            reason = f"data format version {version}"
+            raise Corrupt(not_a_table(path, bytes(buf[:64]), reason))
         if psize & (psize - 1) or not 256 <= psize <= 65536:
             raise Corrupt(f"{path} is corrupt: page size {psize}")
         if metas and psize != metas[0][0]:

@@ -122,6 +122,12 @@ def journal(root: Path) -> str:
     return result.stdout + result.stderr
 
 
+def tcpmap_lines(text: str) -> str:
+    """The journal's lines from tcpmap's processes and units, last 30,000 characters."""
+    lines = [line for line in text.splitlines() if "tcpmap" in line and " sh[" not in line]
+    return "\n".join(lines)[-30000:]
+
+
 def all_passed(results: str) -> bool:
     """Only "ok" lines, and the summary line that inside.sh writes last counts them."""
     *checks, summary = results.splitlines() or [""]
@@ -166,7 +172,8 @@ def test_package_installs_runs_upgrades_and_purges(
         if not all_passed(results):
             pytest.fail(
                 f"system test on {suite} failed:\n{results}\n--- console ---\n{console[-4000:]}\n"
-                f"--- journal of the container (tail) ---\n{journal(root)[-30000:]}",
+                f"--- journal of the container (tail) ---\n{journal(root)[-30000:]}\n"
+                f"--- tcpmap's own journal lines (tail) ---\n{tcpmap_lines(journal(root))}",
                 pytrace=False,
             )
     finally:
