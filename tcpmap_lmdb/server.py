@@ -275,18 +275,24 @@ class Server:
 
         Idle means waiting for a request, or for the client to read its replies;
         its idle time counts from its last answered request (_IdleWatch.last).
+        One whose request has arrived but is not read yet is not idle: under
+        load the hub may run this before it wakes that connection's greenlet.
         """
-        waiting = [
-            (watch.last, wire)
-            for wire, watch in self._wires.items()
-            if wire.stoppable and wire.on_client
-        ]
-        if not waiting:
-            return False
-        _, victim = min(waiting, key=lambda pair: pair[0])
-        victim.stoppable = False  # one eviction each
-        victim.stop(_Evicted)
-        return True
+        waiting = sorted(
+            (
+                (watch.last, wire)
+                for wire, watch in self._wires.items()
+                if wire.stoppable and wire.on_client
+            ),
+            key=lambda pair: pair[0],
+        )
+        for _, victim in waiting:
+            if victim.waiting and victim.has_input:
+                continue  # a request arrived; the hub has yet to wake its greenlet
+            victim.stoppable = False  # one eviction each
+            victim.stop(_Evicted)
+            return True
+        return False
 
     @property
     def full(self) -> bool:
@@ -581,6 +587,16 @@ class _Wire:
         greenlet = self._greenlet
         assert isinstance(greenlet, gevent.Greenlet)  # StreamServer spawns one per connection
         greenlet.kill(exception, block=False)
+
+    @property
+    def has_input(self) -> bool:
+        """The client has sent bytes not yet read: it is not idle, whatever its clock says."""
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK))
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True  # an error to read: let its greenlet find it
 
     def pending(self) -> bytes:
         """What the client has already sent (one read's worth), without waiting for more."""
