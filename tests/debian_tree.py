@@ -24,14 +24,14 @@ from pathlib import Path
 SUITES = ("bookworm", "trixie")  # Debian 12 (oldstable), Debian 13 (stable)
 # systemd as PID 1; the package's dependencies; Postfix; the tools the checks use;
 # and the test suite's own stack (pytest, hypothesis, a venv with setuptools for
-# the editable install of the checkout). The container has no network: every
+# the editable install of the checkout; make, for the Makefile test). The container has no network: every
 # package it needs is here.
 PACKAGES = ",".join(
     (
         "systemd,systemd-sysv,dbus,procps,iproute2,util-linux",
         "python3,python3-gevent,python3-lmdb,python3-systemd,python3-prometheus-client",
         "postfix,postfix-lmdb",
-        "python3-pytest,python3-hypothesis,python3-venv,python3-setuptools,python3-wheel",
+        "python3-pytest,python3-hypothesis,python3-venv,python3-setuptools,python3-wheel,make",
     )
 )
 CACHE = Path("/var/cache/tcpmap-test")
