@@ -24,8 +24,8 @@ from pathlib import Path
 SUITES = ("bookworm", "trixie")  # Debian 12 (oldstable), Debian 13 (stable)
 # systemd as PID 1; the package's dependencies; Postfix; the tools the checks use;
 # and the test suite's own stack (pytest, hypothesis, a venv with setuptools for
-# the editable install of the checkout; make, for the Makefile test). The container has no network: every
-# package it needs is here.
+# the editable install of the checkout; make, for the Makefile test). The
+# container has no network: every package it needs is here.
 PACKAGES = ",".join(
     (
         "systemd,systemd-sysv,dbus,procps,iproute2,util-linux",
