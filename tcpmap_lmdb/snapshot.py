@@ -12,7 +12,10 @@ python-lmdb 3.x's "already open in this process" check (by inode) never
 meets the same file twice, whatever links point at it.
 
 The copy is taken under Postfix's shared fcntl lock (lmdb_table(5)), so a
-writer that follows the rules (postmap, postalias) is never seen halfway.
+writer that follows the rules (postmap, postalias) is never seen halfway. The
+server's check never waits for that lock (in_child): while a writer holds it
+exclusively, the check gives up at once (Locked), the server keeps serving the
+copy it has and tries again later (table.LiveTable).
 Postfix's bulk writers (postmap, postmap -i) hold only a shared lock, and a
 writer that takes none (cp, rsync --inplace) may be seen halfway: a copy during
 which the size changed, or the mtime and the newest commit (mm_txnid) changed,
@@ -28,6 +31,7 @@ Errors: TableError when the file itself is bad (missing, not a regular file,
 unreadable, not LMDB, corrupt): retried when it changes. SnapshotRetry when
 the attempt failed for another reason (descriptors or memory ran out, the
 child was killed, the file changed while copied): retried with back-off.
+Locked, a SnapshotRetry, when a writer held the lock (in_child only).
 """
 
 from __future__ import annotations
@@ -71,6 +75,10 @@ class TableError(Exception):
 
 class SnapshotRetry(TableError):
     """Taking the snapshot failed for a reason other than the file: try again later."""
+
+
+class Locked(SnapshotRetry):
+    """A writer holds the file's fcntl lock (lmdb_table(5)): try again later."""
 
 
 _KINDS = {
@@ -121,24 +129,28 @@ def new_memfd(path: Path) -> int:
     return os.memfd_create(name, flags)
 
 
-def take(path: Path) -> Snapshot:
-    """Copy PATH into a new sealed memfd and check it, here; may block."""
+def take(path: Path, *, wait: bool = True) -> Snapshot:
+    """Copy PATH into a new sealed memfd and check it, here; may block.
+
+    WAIT: wait for a writer's lock, as Postfix's readers do; without it, a held
+    lock raises Locked at once.
+    """
     try:
         memfd = new_memfd(path)
     except OSError as exc:
         raise SnapshotRetry(f"cannot copy {path}: memfd_create: {exc.strerror}") from None
     try:
-        signature, records = _fill(path, memfd)
+        signature, records = _fill(path, memfd, wait=wait)
     except BaseException:
         os.close(memfd)
         raise
     return Snapshot(memfd, signature, records)
 
 
-def _fill(path: Path, memfd: int) -> tuple[Signature, int]:
+def _fill(path: Path, memfd: int, *, wait: bool) -> tuple[Signature, int]:
     """Copy PATH into MEMFD under the shared lock, seal it, check it."""
     for _ in range(_COPY_ATTEMPTS):
-        signature = _copy(path, memfd)
+        signature = _copy(path, memfd, wait=wait)
         if signature is not None:
             break
         os.ftruncate(memfd, 0)
@@ -156,8 +168,11 @@ def _fill(path: Path, memfd: int) -> tuple[Signature, int]:
     return signature, records
 
 
-def _copy(path: Path, memfd: int) -> Signature | None:
-    """Copy PATH into MEMFD; its Signature, or None if it changed meanwhile."""
+def _copy(path: Path, memfd: int, *, wait: bool) -> Signature | None:
+    """Copy PATH into MEMFD; its Signature, or None if it changed meanwhile.
+
+    Raises Locked if a writer holds the lock and not WAIT.
+    """
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -175,7 +190,12 @@ def _copy(path: Path, memfd: int) -> Signature | None:
             raise TableError(f"{path} is not a regular file: it is {kind}")
         # Postfix's rule for readers (lmdb_table(5)): a shared fcntl lock keeps
         # postmap's in-place writes out while we read.
-        fcntl.lockf(fd, fcntl.LOCK_SH)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH if wait else fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):  # fcntl(2): held by another
+                raise
+            raise Locked(f"{path} is locked by a writer") from None
         before = Signature.of(os.fstat(fd))
         copied = 0
         while copied < before.size:
@@ -220,7 +240,8 @@ def in_child(sleep: Callable[[float], object] = time.sleep) -> Taker:
 
     The server passes gevent.sleep: lookups go on meanwhile. The memfd is made
     here and inherited, so the child's copy is the parent's; the parent serves
-    it only once the child reports it checked and the seals are in place.
+    it only once the child reports it checked and the seals are in place. The
+    child never waits for a writer's lock: it raises Locked instead.
     """
 
     def take_in_child(path: Path) -> Snapshot:
@@ -236,6 +257,8 @@ def in_child(sleep: Callable[[float], object] = time.sleep) -> Taker:
             report = _run_child(path, memfd, sleep, limit)
             if "bad" in report:
                 raise TableError(str(report["bad"]))
+            if "locked" in report:
+                raise Locked(str(report["locked"]))
             if "retry" in report:
                 raise SnapshotRetry(str(report["retry"]))
             seals = fcntl.fcntl(memfd, fcntl.F_GET_SEALS)
@@ -295,8 +318,10 @@ def _child(path: Path, memfd: int, writer: int, parent: int) -> int:
     try:
         _die_with(parent)
         _close_all_but(memfd, writer)  # client and listening sockets belong to the server
-        signature, records = _fill(path, memfd)
+        signature, records = _fill(path, memfd, wait=False)
         report: dict[str, object] = {"signature": list(_fields(signature)), "records": records}
+    except Locked as exc:  # before its base classes
+        report = {"locked": str(exc)}
     except SnapshotRetry as exc:  # before TableError, its base class
         report = {"retry": str(exc)}
     except TableError as exc:

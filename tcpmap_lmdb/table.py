@@ -19,7 +19,7 @@ from typing import Any
 import lmdb
 
 from .dbformat import MAX_KEY_BYTES, META_KEYS, BuildInfo, count, fold
-from .snapshot import Signature, Snapshot, SnapshotRetry, TableError, Taker, take
+from .snapshot import Locked, Signature, Snapshot, SnapshotRetry, TableError, Taker, take
 from .watch import DirectoryWatch, Watcher, watch
 
 __all__ = ["CHECK_PATIENCE", "LiveTable", "Signature", "Table", "TableError"]
@@ -35,6 +35,13 @@ _CHECK_POLL = 0.002
 # taken again after RETRY_FIRST seconds, doubling up to RETRY_MAX.
 RETRY_FIRST = 0.1
 RETRY_MAX = 10.0
+# A new version that a writer keeps locked (Locked) is tried again after
+# LOCK_RETRY_FIRST seconds, doubling up to LOCK_RETRY_MAX: once the writer lets
+# go, its change is served within about a second. A writer that holds the lock
+# for LOCK_WARN_AFTER seconds gets one warning.
+LOCK_RETRY_FIRST = 0.05
+LOCK_RETRY_MAX = 1.0
+LOCK_WARN_AFTER = 2.0
 
 
 class Table:
@@ -166,7 +173,8 @@ class LiveTable:
     the file is missing or bad, lookups raise TableError; a good file is picked
     up by itself. A snapshot that failed for another reason (SnapshotRetry:
     descriptors, memory, a killed check) is taken again with back-off, and the
-    table served before stays served meanwhile.
+    table served before stays served meanwhile. So is a new version a writer
+    keeps locked (Locked): no lookup waits for a writer.
     """
 
     def __init__(
@@ -194,6 +202,9 @@ class LiveTable:
         self._seen: Signature | None = None  # what we last opened or found bad
         self._retry_at: float | None = None  # when to take a failed snapshot again
         self._backoff = RETRY_FIRST
+        self._locked_since: float | None = None  # when a writer's lock first stopped us
+        self._lock_backoff = LOCK_RETRY_FIRST
+        self._lock_warned = False
         self._error = f"{path} has not been opened yet"
 
     @property
@@ -214,6 +225,7 @@ class LiveTable:
             or self._table is None
             or watch.changed()
             or time.monotonic() - self._checked > _RECHECK
+            or (self._retry_at is not None and time.monotonic() >= self._retry_at)
         ):
             self.refresh()
         if self._table is None:
@@ -266,11 +278,16 @@ class LiveTable:
             new = Table.from_snapshot(
                 self.path, self._take(self.path), fold_keys=self._fold_keys
             )  # may yield: the old table serves meanwhile
+        except Locked as exc:
+            self._wait_for_writer(current, str(exc))
+            return
         except (SnapshotRetry, OSError) as exc:
+            self._lock_released()
             self._postpone(current, str(exc))
             return
         except TableError as exc:
             # The file is bad: it is retried once it changes.
+            self._lock_released()
             self._seen = current
             self._retry_at = None
             self._backoff = RETRY_FIRST
@@ -278,6 +295,7 @@ class LiveTable:
             return
         finally:
             self._refreshing = False
+        self._lock_released()
         if self._table is not None:
             self._table.close()  # a lookup never yields midway: none is in flight
         self._table = new
@@ -295,6 +313,48 @@ class LiveTable:
                 count(new.info.long_values, "value"),
                 extra={"TABLE": str(self.path)},
             )
+
+    def _wait_for_writer(self, current: Signature, reason: str) -> None:
+        """A writer holds the lock: try again soon, keep serving what we have, and
+        warn once if the writer keeps the lock for LOCK_WARN_AFTER seconds."""
+        now = time.monotonic()
+        if self._locked_since is None:
+            self._locked_since = now
+        self._seen = current
+        self._retry_at = now + self._lock_backoff
+        self._lock_backoff = min(self._lock_backoff * 2, LOCK_RETRY_MAX)
+        waited = now - self._locked_since
+        if waited >= LOCK_WARN_AFTER and not self._lock_warned:
+            self._lock_warned = True
+            serving = (
+                "serving the version from before until it lets go"
+                if self._table is not None
+                else "its lookups fail until it lets go"
+            )
+            log.warning(
+                "%s: a writer has held its lock for %.1fs; %s",
+                self.path,
+                waited,
+                serving,
+                extra={"TABLE": str(self.path)},
+            )
+        if self._table is None:
+            self._error = f"{reason} (retrying)"
+
+    def _lock_released(self) -> None:
+        """The end of a wait for a writer, if there was one."""
+        if self._locked_since is None:
+            return
+        if self._lock_warned:
+            log.info(
+                "%s: the writer let go of its lock after %.1fs",
+                self.path,
+                time.monotonic() - self._locked_since,
+                extra={"TABLE": str(self.path)},
+            )
+        self._locked_since = None
+        self._lock_backoff = LOCK_RETRY_FIRST
+        self._lock_warned = False
 
     def _postpone(self, current: Signature, reason: str) -> None:
         """Take the snapshot again after a back-off; keep serving what we have."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from postfix_tools import run_postfix
 
-from tcpmap_lmdb import dbformat, snapshot
+from tcpmap_lmdb import dbformat, snapshot, verify
 from tcpmap_lmdb.snapshot import Snapshot, SnapshotRetry
 from tcpmap_lmdb.table import RETRY_FIRST, LiveTable, Table, TableError
 from tcpmap_lmdb.watch import DirectoryWatch
@@ -659,18 +660,38 @@ time.sleep(float(sys.argv[2]))
 def test_a_check_past_its_time_limit_is_killed_and_retried(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A snapshot whose child waits longer than its limit (here a writer keeps the lock 10 s,
-    the limit is 0.5 s) fails as a retry, about when the limit passes, and its child is gone."""
+    """A snapshot whose child runs longer than its limit (here its check hangs, as on a
+    stalled disk; the limit is 0.5 s) fails as a retry, about when the limit passes, and
+    its child is gone."""
     make_table(db, {"key": "value"}, info=False)
     monkeypatch.setattr(snapshot, "TIME_FLOOR", 0.5)
+
+    def hanging_check(*args: object) -> int:
+        time.sleep(30)  # in the forked child only
+        return 0
+
+    monkeypatch.setattr(verify, "check", hanging_check)
+    started = time.monotonic()
+    with pytest.raises(SnapshotRetry, match="took longer than"):
+        snapshot.in_child()(db)
+    assert time.monotonic() - started < 3
+    assert Path(f"/proc/self/task/{os.getpid()}/children").read_text().split() == []
+
+
+def test_a_check_never_waits_for_a_writers_lock(db: Path) -> None:
+    """While a writer holds the exclusive lock, the server's check (in_child) and
+    take(wait=False) give up at once with Locked naming the file; take() waits, as
+    Postfix's readers do (tcpmap-query)."""
+    make_table(db, {"key": "value"}, info=False)
     argv = [sys.executable, "-c", _LOCK_HOLDER, str(db), "10"]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as holder:
         try:
             assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-            started = time.monotonic()
-            with pytest.raises(SnapshotRetry, match="took longer than"):
-                snapshot.in_child()(db)
-            assert time.monotonic() - started < 3
+            for attempt in (snapshot.in_child(), functools.partial(snapshot.take, wait=False)):
+                started = time.monotonic()
+                with pytest.raises(snapshot.Locked, match=f"{db} is locked by a writer"):
+                    attempt(db)
+                assert time.monotonic() - started < 1
             children = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
             assert children == [str(holder.pid)]
         finally:

@@ -173,11 +173,13 @@ def test_postmap_i_and_d_on_a_served_table_under_load(
 _GROWER = """
 import fcntl, os, sys, time, lmdb
 path = sys.argv[1]
+# lmdb.open before the lock: python-lmdb 3.x opens and closes the file in it, which
+# drops a lock taken before (POSIX drops a process's fcntl locks at any close).
+env = lmdb.open(path, subdir=False, lock=False, map_size=1 << 30)
 fd = os.open(path, os.O_RDWR)
 fcntl.lockf(fd, fcntl.LOCK_EX)
 print("locked", flush=True)
 sys.stdin.readline()
-env = lmdb.open(path, subdir=False, lock=False, map_size=1 << 30)
 with env.begin(write=True) as txn:
     for i in range(150_000):
         txn.put(b"grown%06d@example.com\\0" % i, b"g%d-%s\\0" % (i, b"x" * 100))
@@ -209,8 +211,9 @@ def test_growth_in_place_under_the_lock_serves_the_new_value(
 ) -> None:
     """A writer that follows lmdb_table(5) locks a 1,000-key table, grows it to 151,000 keys
     (past python-lmdb's default 10 MiB map) in place and keeps the lock 1 s more: a lookup
-    sent before the growth gets its value (not
-    MDB_MAP_RESIZED), and one sent after it waits for the lock and gets the new value."""
+    sent before the growth gets its value (not MDB_MAP_RESIZED); lookups while the lock is
+    held are answered at once from the version before (no lookup waits for a writer), and
+    the new keys are served once the writer lets go."""
     db = make_table(
         tmp_path / "virtual.lmdb", {f"key{i:04d}": f"v{i}" for i in range(1000)}, info=False
     )
@@ -224,7 +227,13 @@ def test_growth_in_place_under_the_lock_serves_the_new_value(
         grower.stdin.flush()
         assert conn.read_line() == b"200 v998\n"
         assert grower.stdout.readline() == "grown\n"
-        assert conn.ask("grown149999@example.com") == (200, b"g149999-" + b"x" * 100)
+        started = time.monotonic()
+        assert conn.ask("key0997") == (200, b"v997")  # the lock is still held
+        assert time.monotonic() - started < 0.5
+        eventually(
+            lambda: conn.ask("grown149999@example.com") == (200, b"g149999-" + b"x" * 100),
+            what="the grown table",
+        )
         assert conn.ask("key0999") == (200, b"v999")
     srv.wait_for_log(rf"opened {db}: 151000 records")
 
@@ -285,6 +294,106 @@ def test_a_writer_holding_the_lock_3s_delays_no_other_map(
             assert asked > 50, asked
             assert slowest < 0.05, f"map b took {slowest * 1000:.0f} ms"
             assert conn_a.read_reply(timeout=REPLY_TIMEOUT) == (b"OK", b"a-value")
+    assert srv.stop() == 0
+
+
+_CHANGER = """
+import fcntl, os, sys, time, lmdb
+path = sys.argv[1]
+# lmdb.open first: python-lmdb 3.x opens and closes the file in it, which would drop
+# a lock taken before (POSIX drops a process's fcntl locks at any close of the file).
+env = lmdb.open(path, subdir=False, lock=False)
+fd = os.open(path, os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX)  # as an lmdb_table(5) writer does
+with env.begin(write=True) as txn:
+    txn.put(b"key\\0", b"a-new\\0")
+env.sync(True)
+print("changed", flush=True)
+time.sleep(float(sys.argv[2]))
+fcntl.lockf(fd, fcntl.LOCK_UN)
+env.close()  # not before: closing any descriptor of the file drops the lock (POSIX)
+"""
+
+# What a lookup may take while a writer holds a changed table's lock: no lookup waits
+# for the writer, so this is the server's own time plus a loaded test machine's.
+LOCKED_LOOKUP_BOUND = 0.25  # seconds
+
+
+class Timed(threading.Thread):
+    """Asks ASK() every 10 ms until stopped (LOAD_SECONDS at most); keeps the slowest time
+    and every reply that is not EXPECTED."""
+
+    def __init__(self, ask: Callable[[], tuple[bytes, bytes]], expected: tuple[bytes, bytes]):
+        super().__init__()
+        self.ask, self.expected = ask, expected
+        self.slowest, self.count = 0.0, 0
+        self.wrong: list[tuple[bytes, bytes]] = []
+        self.failure: BaseException | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + LOAD_SECONDS
+        try:
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                started = time.monotonic()
+                reply = self.ask()
+                self.slowest = max(self.slowest, time.monotonic() - started)
+                self.count += 1
+                if reply != self.expected:
+                    self.wrong.append(reply)
+                self.stop.wait(0.01)
+        except BaseException as exc:
+            self.failure = exc
+
+
+def test_a_writer_holding_a_changed_tables_lock_stalls_no_lookup(
+    two_maps: tuple[ServerProcess, Path],
+) -> None:
+    """A writer changes map a and keeps its exclusive lock 3 s: every lookup on map a (on an
+    open connection and on new ones) and on map b is answered within LOCKED_LOOKUP_BOUND,
+    map a from the version before; one warning names the table and the wait; once the
+    writer lets go, map a's new value is served without SIGHUP."""
+    srv, maps = two_maps
+    port = _socketmap_port(srv)
+    table = maps / "a.lmdb"
+
+    def ask_new_connection() -> tuple[bytes, bytes]:
+        with SocketmapConn(port) as fresh:
+            return fresh.ask(b"a", b"key")
+
+    with SocketmapConn(port) as conn_a, SocketmapConn(port) as conn_b:
+        assert conn_a.ask(b"a", b"key") == (b"OK", b"a-value")
+        mark = srv.mark()
+        clients = {
+            "map a": Timed(lambda: conn_a.ask(b"a", b"key"), (b"OK", b"a-value")),
+            "map a, new connections": Timed(ask_new_connection, (b"OK", b"a-value")),
+            "map b": Timed(lambda: conn_b.ask(b"b", b"key"), (b"OK", b"b-value")),
+        }
+        with writer(_CHANGER, str(table), "3") as holder:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == "changed\n"
+            for client in clients.values():
+                client.start()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                holder.wait(5)  # the 3 s hold
+            for client in clients.values():
+                client.stop.set()
+                client.join(LOAD_SECONDS + 5)
+        figures = ", ".join(
+            f"{what}: {c.slowest * 1000:.0f} ms ({c.count} lookups)" for what, c in clients.items()
+        )
+        print(f"slowest lookups during a 3 s hold: {figures}")
+        for what, client in clients.items():
+            assert client.failure is None, (what, client.failure)
+            assert client.slowest < LOCKED_LOOKUP_BOUND, figures
+            assert client.count > 20, figures
+            # During the hold: the version from before (the writer's change lands only at
+            # the very end, after the stop, if at all).
+            assert client.wrong in ([], [(b"OK", b"a-new")]), (what, client.wrong[:5])
+        warning = srv.wait_for_log(rf"WARNING: {table}: a writer has held its lock for", since=mark)
+        assert "serving the version from before" in warning.string
+        eventually(lambda: conn_a.ask(b"a", b"key") == (b"OK", b"a-new"), what="new value")
+    assert len([line for line in srv.logs[mark:] if "a writer has held" in line]) == 1
     assert srv.stop() == 0
 
 
