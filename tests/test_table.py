@@ -696,3 +696,30 @@ def test_a_check_never_waits_for_a_writers_lock(db: Path) -> None:
             assert children == [str(holder.pid)]
         finally:
             holder.kill()
+
+
+def test_a_table_locked_at_first_open_fails_at_once_then_is_served(db: Path) -> None:
+    """A table a writer holds locked when it is first opened: lookups fail at once (TEMP,
+    saying why), never wait; once the writer lets go, it is served without a change to
+    the file and without SIGHUP (the retry is due by itself)."""
+    make_table(db, {"key": "value"}, info=False)
+    argv = [sys.executable, "-c", _LOCK_HOLDER, str(db), "30"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as holder:
+        table = LiveTable(db, take=snapshot.in_child())
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+            started = time.monotonic()
+            assert lookup_error(table) == f"{db} is locked by a writer (retrying)"
+            assert lookup_error(table) == f"{db} is locked by a writer (retrying)"
+            assert time.monotonic() - started < 1
+            holder.kill()
+            holder.wait()
+            deadline = time.monotonic() + 5
+            while table.table is None and time.monotonic() < deadline:
+                with contextlib.suppress(TableError):
+                    table.lookup(b"key")
+                time.sleep(0.01)
+            assert table.lookup(b"key") == b"value"
+        finally:
+            holder.kill()
+            table.close()
