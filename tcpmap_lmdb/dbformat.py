@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 # lmdb:NAME is the file NAME.lmdb (postfix-maps.md 4.1); NAME is also its map name.
 SUFFIX = ".lmdb"
@@ -102,13 +103,21 @@ def map_name(path: Path) -> str:
     return path.name.removesuffix(SUFFIX)
 
 
+# How the keys of a table are folded, when it is built and when it is searched:
+# "utf8", Postfix with smtputf8_enable = yes (fold); "ascii", Postfix with
+# smtputf8_enable = no (fold_ascii); "none", postmap -f (keys as written).
+Folding = Literal["utf8", "ascii", "none"]
+
+
 def fold(key: bytes) -> bytes:
-    """Fold a key the way Postfix folds fixed-key tables (FOLD_FIX).
+    """Fold a key the way Postfix folds fixed-key tables (FOLD_FIX) with
+    smtputf8_enable = yes (its default from compatibility_level 1 on).
 
     ASCII keys are lowercased. UTF-8 keys get full Unicode case folding
-    (Postfix uses ICU's, Python's str.casefold() implements the same mapping,
-    so "Straße" folds to "strasse"). Bytes that are not UTF-8 only have their
-    ASCII letters lowercased.
+    (Postfix's dict_utf8 wrapper uses ICU's casefold(), Python's str.casefold()
+    implements the same mapping, so "Straße" folds to "strasse"). Bytes that
+    are not UTF-8 only have their ASCII letters lowercased (Postfix refuses
+    such keys then: they are never stored, so never found).
     """
     if key.isascii():
         return key.lower()
@@ -116,6 +125,27 @@ def fold(key: bytes) -> bytes:
         return key.decode("utf-8").casefold().encode("utf-8")
     except UnicodeDecodeError:
         return key.lower()
+
+
+def fold_ascii(key: bytes) -> bytes:
+    """Fold a key the way Postfix does with smtputf8_enable = no: ASCII letters are
+    lowercased, every other byte is kept (dict_lmdb.c under DICT_FLAG_FOLD_FIX calls
+    lowercase(), which changes only ISUPPER() bytes, ASCII ones; no dict_utf8 wrapper)."""
+    return key.lower()
+
+
+def folded_ascii_only(key: bytes) -> bool:
+    """Whether the stored key KEY (without its NUL) proves its table was not folded
+    as smtputf8_enable = yes folds: it is not ASCII, and it is not UTF-8 or UTF-8
+    case folding changes it. Postfix with that setting stores neither (dict_utf8.c:
+    invalid UTF-8 keys are skipped, the others casefolded)."""
+    if key.isascii():
+        return False
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return text.casefold() != text
 
 
 def stored_key(key: bytes) -> bytes:

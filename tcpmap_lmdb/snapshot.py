@@ -112,6 +112,8 @@ class Snapshot:
     fd: int
     signature: Signature  # of the file copied
     records: int  # leaf records found by the check
+    # A stored key that shows the keys were folded ASCII only (verify.Checked), or None.
+    unfolded: bytes | None = None
 
 
 Taker = Callable[[Path], Snapshot]
@@ -140,14 +142,14 @@ def take(path: Path, *, wait: bool = True) -> Snapshot:
     except OSError as exc:
         raise SnapshotRetry(f"cannot copy {path}: memfd_create: {exc.strerror}") from None
     try:
-        signature, records = _fill(path, memfd, wait=wait)
+        signature, checked = _fill(path, memfd, wait=wait)
     except BaseException:
         os.close(memfd)
         raise
-    return Snapshot(memfd, signature, records)
+    return Snapshot(memfd, signature, checked.records, checked.unfolded)
 
 
-def _fill(path: Path, memfd: int, *, wait: bool) -> tuple[Signature, int]:
+def _fill(path: Path, memfd: int, *, wait: bool) -> tuple[Signature, verify.Checked]:
     """Copy PATH into MEMFD under the shared lock, seal it, check it."""
     for _ in range(_COPY_ATTEMPTS):
         signature = _copy(path, memfd, wait=wait)
@@ -162,10 +164,10 @@ def _fill(path: Path, memfd: int, *, wait: bool) -> tuple[Signature, int]:
         raise TableError(not_a_table(path, b""))
     with mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ) as view:
         try:
-            records = verify.check(path, view, size)
+            checked = verify.check(path, view, size)
         except verify.Corrupt as exc:
             raise TableError(str(exc)) from None
-    return signature, records
+    return signature, checked
 
 
 def _copy(path: Path, memfd: int, *, wait: bool) -> Signature | None:
@@ -265,7 +267,13 @@ def in_child(sleep: Callable[[float], object] = time.sleep) -> Taker:
             signature = Signature(*report["signature"])
             if seals & SEALS != SEALS or os.fstat(memfd).st_size != signature.size:
                 raise SnapshotRetry(f"the check of {path} left no sealed copy")
-            return Snapshot(memfd, signature, int(report["records"]))
+            unfolded = report.get("unfolded")
+            return Snapshot(
+                memfd,
+                signature,
+                int(report["records"]),
+                bytes.fromhex(unfolded) if isinstance(unfolded, str) else None,
+            )
         except BaseException:
             os.close(memfd)
             raise
@@ -318,8 +326,13 @@ def _child(path: Path, memfd: int, writer: int, parent: int) -> int:
     try:
         _die_with(parent)
         _close_all_but(memfd, writer)  # client and listening sockets belong to the server
-        signature, records = _fill(path, memfd, wait=False)
-        report: dict[str, object] = {"signature": list(_fields(signature)), "records": records}
+        signature, checked = _fill(path, memfd, wait=False)
+        unfolded = None if checked.unfolded is None else checked.unfolded[:1024].hex()
+        report: dict[str, object] = {
+            "signature": list(_fields(signature)),
+            "records": checked.records,
+            "unfolded": unfolded,
+        }
     except Locked as exc:  # before its base classes
         report = {"locked": str(exc)}
     except SnapshotRetry as exc:  # before TableError, its base class

@@ -18,7 +18,7 @@ from typing import Any
 
 import lmdb
 
-from .dbformat import MAX_KEY_BYTES, META_KEYS, BuildInfo, count, fold
+from .dbformat import MAX_KEY_BYTES, META_KEYS, BuildInfo, Folding, count, fold, fold_ascii
 from .snapshot import Locked, Signature, Snapshot, SnapshotRetry, TableError, Taker, take
 from .watch import DirectoryWatch, Watcher, watch
 
@@ -54,12 +54,14 @@ class Table:
         snapshot: Snapshot,
         *,
         info: BuildInfo | None,
-        folded: bool,
+        folding: Folding,
     ) -> None:
         self.path = path
         self.signature = snapshot.signature
         self.info = info
-        self.folded = folded
+        self.folding: Folding = folding
+        self.unfolded = snapshot.unfolded  # the key that showed ASCII-only folding
+        self._fold = _FOLDERS[folding]
         # The records a lookup can find: the check's count, less our build record.
         self.records = snapshot.records - (info is not None)
         self._env = env
@@ -72,7 +74,8 @@ class Table:
         admin can act on, or SnapshotRetry (snapshot.py) when it may work later.
 
         fold_keys overrides folding; by default it comes from the build record,
-        or is on for files without one (postmap's default).
+        or is on for files without one (postmap's default). How keys are folded
+        follows the keys themselves (Table.folding_of).
         """
         return cls.from_snapshot(path, take(path), fold_keys=fold_keys)
 
@@ -103,15 +106,37 @@ class Table:
             os.close(snapshot.fd)
             raise
         folded = fold_keys if fold_keys is not None else (info.folded if info else True)
-        return cls(path, env, snapshot, info=info, folded=folded)
+        folding = cls.folding_of(snapshot) if folded else "none"
+        return cls(path, env, snapshot, info=info, folding=folding)
+
+    @staticmethod
+    def folding_of(snapshot: Snapshot) -> Folding:
+        """How to fold lookups in a folded table: as its keys were folded.
+
+        Postfix folds keys alike when it stores and when it looks up, but two
+        ways (dbformat.Folding): UTF-8 case folding with smtputf8_enable = yes
+        (postmap's default, and tcpmap-build's), ASCII only with = no. A key
+        that UTF-8 folding would change (snapshot.unfolded: "Ünïcode", "ß", not
+        UTF-8) can only have been stored by the second: lookups then fold ASCII
+        only too, as Postfix's lmdb: client with that setting does. A table
+        without such a key is searched with UTF-8 folding. For a table that
+        smtputf8_enable = no built from keys UTF-8 folding leaves alone, the
+        two differ only for lookup keys with non-ASCII capitals ("Ü" finds
+        "ü"), which Postfix with = no would not find.
+        """
+        return "ascii" if snapshot.unfolded is not None else "utf8"
+
+    @property
+    def folded(self) -> bool:
+        return self.folding != "none"
 
     def get(self, key: bytes) -> bytes | None:
-        """The value for KEY (folded as the table was built), or None.
+        """The value for KEY (folded as the table's keys are: folding), or None.
 
         Raises TableError for a stored value Postfix could not use (empty).
         """
-        if self.folded:
-            key = fold(key)
+        if self._fold is not None:
+            key = self._fold(key)
         if len(key) > MAX_KEY_BYTES or not key:
             return None  # longer than any key LMDB can hold
         try:
@@ -136,7 +161,7 @@ class Table:
 
     def describe(self) -> str:
         syntax = f"{self.info.syntax} syntax" if self.info else "built by Postfix"
-        folding = "folded" if self.folded else "case-sensitive"
+        folding = _FOLDINGS[self.folding]
         return f"{self.path}: {count(self.records, 'record')} ({syntax}, {folding})"
 
     def close(self) -> None:
@@ -145,6 +170,18 @@ class Table:
             self._txn = None
         self._env.close()
         os.close(self._fd)
+
+
+_FOLDERS: dict[Folding, Callable[[bytes], bytes] | None] = {
+    "utf8": fold,
+    "ascii": fold_ascii,
+    "none": None,
+}
+_FOLDINGS: dict[Folding, str] = {
+    "utf8": "folded",
+    "ascii": "folded ASCII only",
+    "none": "case-sensitive",
+}
 
 
 def _read_info(env: Any) -> BuildInfo | None:
@@ -305,6 +342,14 @@ class LiveTable:
         self._retry_at = None
         self._backoff = RETRY_FIRST
         log.info("opened %s", new.describe(), extra={"TABLE": str(self.path)})
+        if new.folding == "ascii" and new.unfolded is not None:
+            log.info(
+                "%s: keys are folded ASCII only, as Postfix does with smtputf8_enable = no "
+                "(key %r is not as UTF-8 case folding leaves it): lookups are folded the same way",
+                self.path,
+                new.unfolded.removesuffix(b"\x00").decode("utf-8", "backslashreplace"),
+                extra={"TABLE": str(self.path)},
+            )
         if new.info is not None and new.info.long_values:
             log.warning(
                 "%s holds %s too long for a tcp_table reply (tcpmap-build --long-values): "

@@ -41,6 +41,10 @@ mdb_page_search -> mdb_page_search_root -> mdb_node_search -> mdb_node_read):
    past 32 levels (CURSOR_STACK, MDB_CURSOR_FULL). Checked anyway: all leaves
    at one depth below 32, branches above them.
 
+Besides: the first leaf key that UTF-8 case folding would change
+(dbformat.folded_ascii_only), which tells a table postmap built with
+smtputf8_enable = no (table.py folds its lookups the same way).
+
 Every page reachable from the root is visited exactly once: a page met twice
 (a cycle, or an exponentially shared graph that would make a naive walk run
 for ever) is refused. So the check reads each page at most once: its time is
@@ -55,9 +59,10 @@ for Postfix's own lmdb: client; they cannot make it read outside the file.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
-from .dbformat import not_a_table
+from .dbformat import folded_ascii_only, not_a_table
 
 # mdb.c: page flags, node flags, magic and version, the main DB's index.
 P_BRANCH = 0x01
@@ -88,8 +93,19 @@ class Corrupt(Exception):
     """The file is not a table a lookup can read safely; str() says why."""
 
 
-def check(path: Path, data: bytes | memoryview | object, size: int) -> int:
-    """Check the LMDB file DATA (SIZE bytes, any buffer); the number of records.
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """What check() found in a sound file."""
+
+    records: int  # leaf records (keys) of the main database
+    # The first key (as stored, NUL included) that UTF-8 case folding would change:
+    # proof that the keys were folded ASCII only (dbformat.folded_ascii_only); or None.
+    unfolded: bytes | None = None
+
+
+def check(path: Path, data: bytes | memoryview | object, size: int) -> Checked:
+    """Check the LMDB file DATA (SIZE bytes, any buffer); its records, and a key that
+    shows ASCII-only folding if there is one.
 
     Raises Corrupt with a reason naming PATH: "is not a readable LMDB file",
     "is truncated", or "is corrupt: ...".
@@ -100,7 +116,7 @@ def check(path: Path, data: bytes | memoryview | object, size: int) -> int:
         if flags != 0:
             raise Corrupt(f"{path} is corrupt: its main database has flags {flags:#x}, not 0")
         if root == P_INVALID:
-            return 0
+            return Checked(0)
         return _walk(path, buf, psize, last, root)
 
 
@@ -138,10 +154,12 @@ def _pick_meta(path: Path, buf: memoryview, size: int) -> tuple[int, int, int, i
     return psize, last, chosen[2], chosen[3]
 
 
-def _walk(path: Path, buf: memoryview, psize: int, last: int, root: int) -> int:
-    """Visit every page reachable from ROOT once; the number of leaf nodes."""
+def _walk(path: Path, buf: memoryview, psize: int, last: int, root: int) -> Checked:
+    """Visit every page reachable from ROOT once; the number of leaf nodes, and a key
+    folded ASCII only."""
     tree = _Tree(path, buf, psize, last)
     records = 0
+    unfolded: bytes | None = None
     leaf_depth = -1
     stack = [(root, 0)]
     while stack:
@@ -158,9 +176,11 @@ def _walk(path: Path, buf: memoryview, psize: int, last: int, root: int) -> int:
                 raise tree.corrupt(f"leaf page {pgno} at depth {depth}, not {leaf_depth}")
             tree.records(pgno, base, pointers)
             records += len(pointers)
+            if unfolded is None and pointers:
+                unfolded = tree.unfolded(base, pointers)
         else:
             raise tree.corrupt(f"page {pgno} has flags {kind:#x} where the tree goes")
-    return records
+    return Checked(records, unfolded)
 
 
 class _Tree:
@@ -223,6 +243,22 @@ class _Tree:
                 self.overflow(pgno, _U64.unpack_from(buf, base + data)[0], lo | hi << 16)
             else:
                 raise self.corrupt(f"a node on page {pgno} has flags {flags:#x}")
+
+    def unfolded(self, base: int, pointers: tuple[int, ...]) -> bytes | None:
+        """The first key of a checked leaf page that proves ASCII-only folding, or None.
+
+        Most pages hold no byte above 0x7f past their node pointers (node headers
+        included): one copy and one scan in C pass them over."""
+        page = self.buf[base + min(pointers) : base + self.psize].tobytes()
+        if page.isascii():
+            return None
+        page = self.buf[base : base + self.psize].tobytes()
+        for at in pointers:
+            start = at + NODE_HEADER
+            key = page[start : start + (page[at + 6] | page[at + 7] << 8)]  # mn_ksize
+            if not key.isascii() and folded_ascii_only(key.removesuffix(b"\x00")):
+                return key
+        return None
 
     def overflow(self, pgno: int, first: int, size: int) -> None:
         """Check a value of SIZE bytes on the overflow pages from FIRST on."""
