@@ -22,7 +22,7 @@ from .config import (
     ListenSpec,
     ServerConfig,
 )
-from .dbformat import table_path
+from .dbformat import FoldKeys, table_path
 from .table import Table, TableError
 
 __all__ = ["build_main", "query_main", "server_main"]
@@ -57,6 +57,15 @@ def _fold_option(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         default=None,
         help="look keys up as sent (for tables built with postmap -f)",
+    )
+    group.add_argument(
+        "--fold-ascii",
+        dest="fold_keys",
+        action="store_const",
+        const="ascii",
+        default=None,
+        help="lowercase ASCII letters only, as Postfix does with smtputf8_enable = no "
+        "(by default: when the table's keys show it)",
     )
 
 
@@ -323,7 +332,7 @@ def _server_info(spec: str) -> int:
 
 @contextlib.contextmanager
 def _lookup_function(
-    name: TableName, fold_keys: bool | None
+    name: TableName, fold_keys: FoldKeys
 ) -> Iterator[Callable[[bytes], bytes | None]]:
     if name.type == "lmdb":
         assert name.path is not None

@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from .dbformat import map_name
+from .dbformat import FoldKeys, map_name
 
 DEFAULT_PORT = 4242
 DEFAULT_HOST = "127.0.0.1"
@@ -179,7 +179,7 @@ class ServerConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     output_budget: int = DEFAULT_OUTPUT_BUDGET  # bytes
-    fold_keys: bool | None = None  # None: as each table was built
+    fold_keys: FoldKeys = None  # None: as each table was built
     allow_remote: bool = False
     verbose: bool = False  # -v: log every lookup
 

@@ -107,6 +107,9 @@ def map_name(path: Path) -> str:
 # "utf8", Postfix with smtputf8_enable = yes (fold); "ascii", Postfix with
 # smtputf8_enable = no (fold_ascii); "none", postmap -f (keys as written).
 Folding = Literal["utf8", "ascii", "none"]
+# What --fold, --no-fold and --fold-ascii say: fold as the keys show (True), not at
+# all (False), ASCII only ("ascii"); None: as the table was built.
+FoldKeys = bool | Literal["ascii"] | None
 
 
 def fold(key: bytes) -> bytes:

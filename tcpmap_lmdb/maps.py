@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .dbformat import SUFFIX, map_name
+from .dbformat import SUFFIX, FoldKeys, map_name
 from .snapshot import Taker, take
 from .table import LiveTable
 from .watch import Watcher, watch
@@ -37,7 +37,7 @@ class Maps:
         tables: dict[str, Path] | None = None,
         directory: Path | None = None,
         *,
-        fold_keys: bool | None = None,
+        fold_keys: FoldKeys = None,
         take: Taker = take,
         sleep: Callable[[float], object] | None = None,
         watcher: Watcher = watch,

@@ -18,7 +18,16 @@ from typing import Any
 
 import lmdb
 
-from .dbformat import MAX_KEY_BYTES, META_KEYS, BuildInfo, Folding, count, fold, fold_ascii
+from .dbformat import (
+    MAX_KEY_BYTES,
+    META_KEYS,
+    BuildInfo,
+    Folding,
+    FoldKeys,
+    count,
+    fold,
+    fold_ascii,
+)
 from .snapshot import Locked, Signature, Snapshot, SnapshotRetry, TableError, Taker, take
 from .watch import DirectoryWatch, Watcher, watch
 
@@ -69,20 +78,19 @@ class Table:
         self._txn: Any = env.begin()  # a snapshot never changes: one transaction serves all
 
     @classmethod
-    def open(cls, path: Path, *, fold_keys: bool | None = None, take: Taker = take) -> Table:
+    def open(cls, path: Path, *, fold_keys: FoldKeys = None, take: Taker = take) -> Table:
         """Snapshot PATH, check it and open it; raises TableError with a reason an
         admin can act on, or SnapshotRetry (snapshot.py) when it may work later.
 
         fold_keys overrides folding; by default it comes from the build record,
         or is on for files without one (postmap's default). How keys are folded
-        follows the keys themselves (Table.folding_of).
+        follows the keys themselves (Table.folding_of), unless fold_keys is
+        "ascii" (Postfix with smtputf8_enable = no, whatever the keys show).
         """
         return cls.from_snapshot(path, take(path), fold_keys=fold_keys)
 
     @classmethod
-    def from_snapshot(
-        cls, path: Path, snapshot: Snapshot, *, fold_keys: bool | None = None
-    ) -> Table:
+    def from_snapshot(cls, path: Path, snapshot: Snapshot, *, fold_keys: FoldKeys = None) -> Table:
         """Open SNAPSHOT (checked and sealed) of PATH; it is closed on failure too."""
         try:
             try:
@@ -105,8 +113,13 @@ class Table:
         except BaseException:
             os.close(snapshot.fd)
             raise
-        folded = fold_keys if fold_keys is not None else (info.folded if info else True)
-        folding = cls.folding_of(snapshot) if folded else "none"
+        folding: Folding
+        if fold_keys == "ascii":
+            folding = "ascii"
+        elif fold_keys if fold_keys is not None else (info.folded if info else True):
+            folding = cls.folding_of(snapshot)
+        else:
+            folding = "none"
         return cls(path, env, snapshot, info=info, folding=folding)
 
     @staticmethod
@@ -122,7 +135,7 @@ class Table:
         without such a key is searched with UTF-8 folding. For a table that
         smtputf8_enable = no built from keys UTF-8 folding leaves alone, the
         two differ only for lookup keys with non-ASCII capitals ("Ü" finds
-        "ü"), which Postfix with = no would not find.
+        "ü"), which Postfix with = no would not find: --fold-ascii says so.
         """
         return "ascii" if snapshot.unfolded is not None else "utf8"
 
@@ -218,7 +231,7 @@ class LiveTable:
         self,
         path: Path,
         *,
-        fold_keys: bool | None = None,
+        fold_keys: FoldKeys = None,
         take: Taker = take,
         watch_directory: bool = True,
         sleep: Callable[[float], object] | None = None,

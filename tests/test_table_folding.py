@@ -232,3 +232,23 @@ def test_lookups_fold_as_the_keys_were_folded(
                 assert table.get(raw) == expected, (probe, stored)
         finally:
             table.close()
+
+
+def test_fold_ascii_for_a_table_whose_keys_do_not_show_it(
+    tmp_path: Path, server: StartServer
+) -> None:
+    """A table smtputf8_enable = no built from keys UTF-8 folding leaves alone ("ünïcode")
+    cannot show how it was folded: by default it is searched as = yes searches it ("Ü"
+    finds "ü"); with --fold-ascii, as `postmap -q` with = no searches it."""
+    config = config_for(tmp_path, "no")
+    table = postmap_build(config, tmp_path / "t", "ünïcode@x lower\nAlpha@x a\n")
+    keys = ["ünïcode@x", "Ünïcode@x", "ÜNÏCODE@X", "ALPHA@x"]
+    theirs = {key: postmap_q(config, table, key) for key in keys}
+    assert theirs == {"ünïcode@x": b"lower", "Ünïcode@x": None, "ÜNÏCODE@X": None, "ALPHA@x": b"a"}
+    assert ours(table, keys) == {**theirs, "Ünïcode@x": b"lower", "ÜNÏCODE@X": b"lower"}
+    srv = server(table, "--fold-ascii")
+    with srv.connect() as conn:
+        assert {key: conn.ask(key) for key in keys} == {
+            key: (200, value) if value else (500, b"not found") for key, value in theirs.items()
+        }
+    srv.wait_for_log(rf"opened {table}: 2 records \(built by Postfix, folded ASCII only\)")
