@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .dbformat import map_name
+from .snapshot import Locked
 
 _T = TypeVar("_T")
 
@@ -67,21 +68,28 @@ class CheckStats:
         self.last_seconds: dict[str, float] = {}
 
     def counting(self, take: Callable[[Path], _T]) -> Callable[[Path], _T]:
-        """TAKE (snapshot.Taker: copy and check a table file), counted."""
+        """TAKE (snapshot.Taker: copy and check a table file), counted. A take that found
+        the file locked by a writer (snapshot.Locked) checked nothing: not counted."""
 
         def counted(path: Path) -> _T:
             name = map_name(path)
             started = time.monotonic()
             try:
-                return take(path)
+                found = take(path)
+            except Locked:
+                raise
             except BaseException:
                 self.failed[name] = self.failed.get(name, 0) + 1
+                self._ran(name, started)
                 raise
-            finally:
-                self.run[name] = self.run.get(name, 0) + 1
-                self.last_seconds[name] = time.monotonic() - started
+            self._ran(name, started)
+            return found
 
         return counted
+
+    def _ran(self, name: str, started: float) -> None:
+        self.run[name] = self.run.get(name, 0) + 1
+        self.last_seconds[name] = time.monotonic() - started
 
 
 class ServerStats:

@@ -260,3 +260,29 @@ def test_query_info_through_the_metrics_listener(
     assert lines[:4] == ["map: virtual", f"file: {db}", "state: serving", "records: 1"]
     assert f"size bytes: {db.stat().st_size}" in lines
     assert any(line.startswith("published at: 20") for line in lines)
+
+
+def test_a_check_that_found_the_table_locked_is_not_counted(tmp_path: Path) -> None:
+    """A writer's lock makes the check give up at once and retry (snapshot.Locked): that
+    is no check, and no failed one; a bad file is one that failed."""
+    from tcpmap_lmdb.counters import CheckStats  # noqa: PLC0415
+    from tcpmap_lmdb.snapshot import Locked, TableError  # noqa: PLC0415
+
+    stats = CheckStats()
+    table = tmp_path / "virtual.lmdb"
+
+    def locked(path: Path) -> None:
+        raise Locked(f"{path} is locked by a writer")
+
+    def bad(path: Path) -> None:
+        raise TableError(f"{path} is not an LMDB table")
+
+    for _ in range(3):
+        with pytest.raises(Locked):
+            stats.counting(locked)(table)
+    assert (stats.run, stats.failed) == ({}, {})
+    with pytest.raises(TableError):
+        stats.counting(bad)(table)
+    assert (stats.run, stats.failed) == ({"virtual": 1}, {"virtual": 1})
+    assert stats.counting(lambda path: path.name)(table) == "virtual.lmdb"
+    assert (stats.run, stats.failed) == ({"virtual": 2}, {"virtual": 1})
