@@ -21,6 +21,8 @@ from .config import (
     ConfigError,
     ListenSpec,
     ServerConfig,
+    connections_problem,
+    seconds_problem,
 )
 from .dbformat import FoldKeys, table_path
 from .table import Table, TableError
@@ -40,6 +42,33 @@ def _listen(text: str) -> ListenSpec:
         return ListenSpec.parse(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(*, zero: bool) -> Callable[[str], float]:
+    """An argparse type: a number of seconds (config.seconds_problem), named as typed."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        problem = seconds_problem(value, zero=zero)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{text}: {problem}")
+        return value
+
+    return parse
+
+
+def _connections(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    problem = connections_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {problem}")
+    return value
 
 
 def _fold_option(parser: argparse.ArgumentParser) -> None:
@@ -96,24 +125,25 @@ def server_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--idle-timeout",
-        type=float,
+        type=_seconds(zero=False),
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
         help="close a connection idle this long (default %(default)s)",
     )
     parser.add_argument(
         "--max-connections",
-        type=int,
+        type=_connections,
         default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
         help="connections served at once; more wait in the listen queue (default %(default)s)",
     )
     parser.add_argument(
         "--stop-timeout",
-        type=float,
+        type=_seconds(zero=True),
         default=DEFAULT_STOP_TIMEOUT,
         metavar="SECONDS",
-        help="on SIGTERM, time allowed to answer requests already read (default %(default)s)",
+        help="on SIGTERM, time allowed to answer requests already read; 0: none "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--allow-remote",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,33 @@ DEFAULT_STOP_TIMEOUT = 5.0
 # over it, the server reads and answers nothing more until some are sent. Each
 # connection holds at most sessions.OUTPUT_LIMIT (128 KiB) of its own.
 DEFAULT_OUTPUT_BUDGET = 32 * 1024 * 1024
+# Each connection is an open file, and Linux lets a process open at most
+# fs.nr_open files (1048576 unless raised): more connections cannot be served.
+MAX_CONNECTIONS_LIMIT = 1024 * 1024
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which and why."""
+
+
+def seconds_problem(value: float, *, zero: bool) -> str | None:
+    """Why VALUE cannot be a timeout in seconds (None if it can).
+
+    NaN and infinities never can; 0 only where ZERO says it means something.
+    """
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        return "must be a finite number of seconds, " + ("0 or more" if zero else "above 0")
+    return None
+
+
+def connections_problem(value: int) -> str | None:
+    """Why VALUE cannot be --max-connections (None if it can)."""
+    if not 1 <= value <= MAX_CONNECTIONS_LIMIT:
+        return (
+            f"must be from 1 to {MAX_CONNECTIONS_LIMIT} (each connection is an open file, "
+            "and Linux allows a process at most fs.nr_open of them)"
+        )
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +86,11 @@ class Address:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _number(value: float) -> str:
+    """VALUE as an admin would write it: 5, 0.5, nan, inf."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _port(text: str, whole: str) -> int:
@@ -186,10 +215,20 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.db is None and self.maps is None:
             raise ConfigError("give a table with --db PATH, or a directory of tables with --maps")
-        if self.idle_timeout <= 0:
-            raise ConfigError("--idle-timeout must be positive")
-        if self.max_connections < 1:
-            raise ConfigError("--max-connections must be at least 1")
+        problems = [
+            ("--idle-timeout", self.idle_timeout, seconds_problem(self.idle_timeout, zero=False)),
+            # 0: on SIGTERM, close at once without answering requests already read.
+            ("--stop-timeout", self.stop_timeout, seconds_problem(self.stop_timeout, zero=True)),
+            ("--max-connections", self.max_connections, connections_problem(self.max_connections)),
+            (
+                "output_budget",
+                self.output_budget,
+                None if self.output_budget > 0 else "must be at least 1 byte",
+            ),
+        ]
+        for option, value, problem in problems:
+            if problem is not None:
+                raise ConfigError(f"{option} {_number(value)}: {problem}")
         for spec in self.listen:
             self.check_binding(spec.binding, str(spec))
         remote = [str(s.address) for s in self.listen if s.address and not s.address.is_loopback]
@@ -213,6 +252,15 @@ class ServerConfig:
     def db_name(self) -> str | None:
         """The map name of --db: its file name without .lmdb."""
         return None if self.db is None else map_name(self.db)
+
+    @property
+    def listeners(self) -> tuple[ListenSpec, ...]:
+        """What to bind when systemd passes no socket: the --listen ones, after the default
+        map listener when none of them serves maps (metrics listeners alone do not replace it:
+        --listen metrics:... adds metrics to a server, it does not stop it serving maps)."""
+        if any(spec.binding.protocol != METRICS for spec in self.listen):
+            return self.listen
+        return (self.default_listen, *self.listen)
 
     @property
     def default_listen(self) -> ListenSpec:

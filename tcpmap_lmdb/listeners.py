@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gevent.socket
 
-from .config import Address, Binding, ConfigError, ListenSpec, ServerConfig
+from .config import METRICS, Address, Binding, ConfigError, ListenSpec, ServerConfig
 from .systemd import Listener
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,20 @@ class Endpoint:
 def open_endpoints(config: ServerConfig, inherited: list[Listener]) -> list[Endpoint]:
     """The listening sockets systemd passed (INHERITED), if any; else the --listen ones.
 
-    Without either, the default address.
+    Without a --listen that serves maps, the default map listener too
+    (ServerConfig.listeners). Raises ConfigError when systemd passes only metrics
+    sockets: the service cannot bind an address itself (PrivateNetwork=yes).
     """
     if not inherited:
-        return _bind_all(config.listen or (config.default_listen,))
+        return _bind_all(config.listeners)
+    if all(Binding.from_fd_name(listener.name).protocol == METRICS for listener in inherited):
+        for listener in inherited:
+            listener.sock.close()
+        raise ConfigError(
+            "systemd passed only a metrics socket (FileDescriptorName=metrics): no socket "
+            "serves maps. Start tcpmap.socket too (the packaged tcpmap.service requires it), "
+            "or give the service a socket for maps"
+        )
     if config.listen:
         log.warning("serving the sockets systemd passed; --listen is ignored")
     endpoints = []
