@@ -15,6 +15,7 @@ from pathlib import Path
 import gevent.socket
 
 from .config import METRICS, Address, Binding, ConfigError, ListenSpec, ServerConfig
+from .logtext import printable
 from .systemd import Listener
 
 log = logging.getLogger(__name__)
@@ -210,12 +211,18 @@ def _reason(exc: OSError) -> str:
 
 
 def format_address(name: object) -> str:
+    """A socket address for the log: HOST:PORT, [HOST]:PORT, or unix:PATH.
+
+    A unix client can bind its socket to any path before it connects, and that
+    path is its peer address here: it goes through logtext.printable, so no
+    client can put a line break or a terminal escape in the log.
+    """
     if isinstance(name, tuple) and len(name) >= 2:
         host, port = name[0], name[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "replace")
-    return f"unix:{name}" if name else "unix socket"
+    if isinstance(name, bytes | str) and name:
+        return f"unix:{printable(name)}"
+    return "unix socket"
 
 
 def client_key(sock: socket.socket, address: object) -> str:

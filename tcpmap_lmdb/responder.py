@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from . import protocol, socketmap
+from .logtext import printable
 from .maps import Maps, UnknownMap
 from .table import TableError
 
@@ -60,7 +61,7 @@ class Responder:
             return protocol.temporary(str(exc))
         except Exception:
             # An internal fault must defer the mail (400), never bounce it (500).
-            log.exception("lookup of %r failed", key)
+            log.exception("lookup of %s failed", printable(key))
             self.temporary += 1
             return protocol.temporary("internal error, see the server log")
         if value is None:
@@ -77,10 +78,10 @@ class Responder:
         if not self._warned:  # once: each lookup of such a key would log it again
             self._warned = True
             log.warning(
-                "map %s: the value of %r (%d bytes) does not fit a tcp_table reply: answered "
+                "map %s: the value of %s (%d bytes) does not fit a tcp_table reply: answered "
                 "400; query this map over socketmap (logged once)",
                 self._name,
-                key,
+                printable(key),
                 len(value),
             )
         return protocol.VALUE_TOO_LONG
@@ -125,7 +126,9 @@ class SocketmapResponder:
             self._count(self.temporary, name)
             return socketmap.temporary(str(exc))
         except Exception:
-            log.exception("socketmap lookup of %r in %s failed", request.key, name)
+            log.exception(
+                "socketmap lookup of %s in %s failed", printable(request.key), printable(name)
+            )
             self._count(self.temporary, name)
             return socketmap.temporary("internal error, see the server log")
         if value is None:
@@ -174,14 +177,21 @@ class SocketmapResponder:
 
 # --- -v: one log line per lookup --------------------------------------------------
 # Bound at start instead of Responder/SocketmapResponder, so without -v a lookup
-# pays nothing for it: not even a test of a flag.
+# pays nothing for it: not even a test of a flag. Everything the client sent (key,
+# map name, and the reasons that quote them) goes through logtext.printable:
+# non-printable bytes as \xNN, so no client can end a log line or forge one.
 
 _TCP_RESULTS = {b"2": "found", b"5": "not found", b"4": "temporary"}
 _SOCKETMAP_RESULTS = {b"OK": "found", b"NOTFOUND": "not found", b"PERM": "permanent"}
 
 
 class LoggedResponder(Responder):
-    """A tcp_table Responder that logs each request: client, map, key as sent, result, time."""
+    """A tcp_table Responder that logs each request: client, map, key as sent, result, time.
+
+    The key is logged as sent (%XX-quoted by Postfix), through logtext.printable:
+    a byte Postfix would have quoted but a client sent raw shows as \\xNN.
+    PEER is already printable (listeners.format_address).
+    """
 
     __slots__ = ("_inner", "_map", "_peer")
 
@@ -202,8 +212,8 @@ class LoggedResponder(Responder):
             "%s: tcp_table map %s key %s: %s, %d us",
             self._peer,
             self._map,
-            key.decode("ascii", "backslashreplace"),
-            result,
+            printable(key),
+            printable(result),
             micros,
             extra={"CLIENT": self._peer},
         )
@@ -246,9 +256,9 @@ class LoggedSocketmapResponder(SocketmapResponder):
         log.debug(
             "%s: socketmap map %s key %s: %s, %d us",
             self._peer,
-            name.decode("utf-8", "backslashreplace"),
-            key.decode("utf-8", "backslashreplace"),
-            result,
+            printable(name),
+            printable(key),
+            printable(result),
             micros,
             extra={"CLIENT": self._peer},
         )

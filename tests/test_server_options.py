@@ -67,9 +67,7 @@ def test_nonsensical_numbers_are_refused(db: Path, option: str, value: str) -> N
         ("output_budget", -1, "output_budget -1"),
     ],
 )
-def test_config_refuses_nonsensical_numbers(
-    db: Path, field: str, value: float, named: str
-) -> None:
+def test_config_refuses_nonsensical_numbers(db: Path, field: str, value: float, named: str) -> None:
     """The same checks hold for a ServerConfig made in code."""
     with pytest.raises(ConfigError, match=named):
         ServerConfig(db=db, **{field: value})  # type: ignore[arg-type]
