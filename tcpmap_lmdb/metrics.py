@@ -4,20 +4,25 @@ A lookup bumps list and dict entries (counters.py); a scrape reads them
 and the tables' state through a custom Collector (prometheus_client's
 "custom collectors"), so no prometheus_client object is touched per lookup.
 Served on its own listener by gevent.pywsgi and make_wsgi_app, on the server's
-event loop: no thread. Coded against prometheus_client 0.16 (Debian 12; 0.21
-in Debian 13). Names follow https://prometheus.io/docs/practices/naming/.
+event loop: no thread. Every client is untrusted: each request must arrive, and its
+reply be sent, within REQUEST_TIMEOUT, so idle or trickling (slowloris) connections
+hold one of the SCRAPERS slots for at most that long; a bad request gets a 400 and
+one rate-limited warning that names the client, never a traceback. Coded against
+prometheus_client 0.16 (Debian 12; 0.21 in Debian 13). Names follow https://prometheus.io/docs/practices/naming/.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import gevent
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -31,6 +36,8 @@ from prometheus_client.registry import Collector
 
 from .config import Address
 from .counters import CheckStats, Latency, ServerStats
+from .listeners import format_address
+from .logtext import printable
 from .responder import Responder, SocketmapResponder
 
 if TYPE_CHECKING:
@@ -38,7 +45,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCRAPERS = 4  # scrapes served at once; more wait in the listen queue
+# Connections served at once; more wait in the listen queue. One Prometheus
+# scrapes over one connection at a time: a few servers, an admin's curl, and room.
+SCRAPERS = 16
+# Seconds for a whole request to arrive (from the connection, or from the last
+# reply on a kept-alive one) and for its reply to be sent. A scrape on loopback
+# takes milliseconds; Prometheus reconnects for the next scrape if this closed
+# its idle connection (its scrape_interval is 15 s or more).
+REQUEST_TIMEOUT = 5.0
+# How much of a bad request a warning quotes.
+_QUOTED = 100
+
+# Server.warn_peer: (the client's socket, its address, what is wrong) -> logged or
+# counted, within the per-client warning budget (ratelimit.py).
+Warn = Callable[[Any, object, str], None]
 
 
 class TcpmapCollector(Collector):
@@ -200,8 +220,11 @@ def registry(collector: TcpmapCollector) -> CollectorRegistry:
     return registry
 
 
-def wsgi_server(sock: Any, registry: CollectorRegistry) -> WSGIServer:
-    """GET /metrics on SOCK (a listening gevent socket), on the running hub."""
+def wsgi_server(sock: Any, registry: CollectorRegistry, warn: Warn) -> WSGIServer:
+    """GET /metrics on SOCK (a listening gevent socket), on the running hub.
+
+    WARN reports clients that send what is not a request for this listener.
+    """
     app = make_wsgi_app(registry)
 
     def only_metrics(environ: dict[str, Any], start_response: Any) -> Any:
@@ -210,7 +233,136 @@ def wsgi_server(sock: Any, registry: CollectorRegistry) -> WSGIServer:
             return [b"only /metrics here\n"]
         return app(environ, start_response)
 
-    return WSGIServer(sock, only_metrics, spawn=Pool(SCRAPERS), log=None, error_log=log)
+    server = _MetricsServer(
+        sock,
+        only_metrics,
+        spawn=Pool(SCRAPERS),
+        log=None,  # no access log
+        error_log=None,  # errors go through _ScrapeHandler, as warnings
+        handler_class=_ScrapeHandler,
+        # pywsgi would look the name up (getfqdn: a blocking reverse DNS query) at start.
+        environ={"SERVER_NAME": format_address(sock.getsockname()).rpartition(":")[0]},
+    )
+    server.warn = warn
+    return server
+
+
+class _MetricsServer(WSGIServer):
+    warn: Warn
+
+
+def _response(status: str, text: str) -> bytes:
+    body = text.encode()
+    head = (
+        f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+_BAD_REQUEST = _response("400 Bad Request", "this listener answers GET /metrics only\n")
+
+
+class _ScrapeHandler(WSGIHandler):  # type: ignore[misc,unused-ignore]
+    """pywsgi's connection handler with a deadline per request, and its error reports
+    turned into rate-limited warnings (pywsgi prints them, with its socket's repr or a
+    traceback, on stderr).
+
+    Overrides pywsgi's handle_one_request, handle_error, log_error and
+    _handle_client_error, the same in gevent 22.10 (Debian 12) to 24.11 (Debian 13) and later.
+    """
+
+    server: _MetricsServer
+    _warned = False  # this request has been warned about
+
+    def handle(self) -> None:
+        sock = self.socket  # pywsgi drops it when the connection ends
+        try:
+            super().handle()
+        except OSError as exc:  # the client reset the connection while told why not
+            log.debug("%s: metrics listener: %s", format_address(self.client_address), exc)
+        except Exception as exc:  # a client must never reach the hub's traceback
+            message = printable(f"metrics listener: internal error: {type(exc).__name__}: {exc}")
+            self.server.warn(sock, self.client_address, message)
+            log.debug("metrics listener", exc_info=True)
+
+    def handle_one_request(self) -> Any:
+        self._warned = False
+        deadline = gevent.Timeout(REQUEST_TIMEOUT)
+        deadline.start()
+        try:
+            result = super().handle_one_request()
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            self._timed_out()
+            return None
+        finally:
+            deadline.close()
+        if isinstance(result, tuple) and not self._warned:  # an error pywsgi did not report
+            status = result[0]
+            self._warn(
+                "request line over 8 KiB, answered 414"
+                if status == "414"
+                else f"bad request, answered {status}"
+            )
+        return result
+
+    def _timed_out(self) -> None:
+        # An idle kept-alive connection ends so too: only debug.
+        peer = format_address(self.client_address)
+        log.debug("%s: metrics listener: no whole request in %ss, closing", peer, REQUEST_TIMEOUT)
+
+    def handle_error(self, t: type[BaseException] | None, v: BaseException | None, tb: Any) -> None:
+        """An error inside a response: the deadline, or a fault of ours (500)."""
+        if isinstance(v, gevent.Timeout):  # the client stopped reading its reply
+            self._timed_out()
+            self.close_connection = True
+            return
+        self._warn(f"internal error: {type(v).__name__}: {v}")
+        log.debug("metrics listener", exc_info=(t, v, tb))  # type: ignore[arg-type,unused-ignore]
+        self._send_error_response_if_possible(500)  # type: ignore[attr-defined,unused-ignore]
+
+    def _handle_client_error(self, ex: Exception) -> tuple[str, bytes]:
+        """A request pywsgi cannot parse: 400 and a warning, never a traceback."""
+        self.server.warn(
+            self.socket,
+            self.client_address,
+            f"metrics listener: not a request for this listener, answered 400: {_what(self, ex)}",
+        )
+        self._warned = True
+        return ("400", _BAD_REQUEST)
+
+    def log_error(self, msg: str, *args: object) -> None:
+        """Anything else pywsgi reports: a warning, without its socket's repr."""
+        try:
+            message = msg % args if args else msg
+        except (TypeError, ValueError):
+            message = f"{msg} {args}"
+        self._warn(message)
+
+    def _warn(self, message: str) -> None:
+        """MESSAGE (printable already, or made so here) about this client."""
+        self._warned = True
+        text = printable(message)
+        if len(text) > 3 * _QUOTED:
+            text = text[: 3 * _QUOTED] + "..."
+        self.server.warn(self.socket, self.client_address, f"metrics listener: {text}")
+
+
+def _what(handler: WSGIHandler, ex: Exception) -> str:
+    """What was wrong with a bad request (pywsgi's reason, without its quote of the
+    request), the request line as sent, and a hint for the usual mistakes."""
+    line = getattr(handler, "requestline", "") or ""
+    if line.startswith("\x16\x03"):
+        return "TLS: scrape http://, not https://"
+    if line.startswith("get "):
+        return "this looks like a tcp_table client: the map listener is another port"
+    reason = re.split(r"[:;]", str(ex) or type(ex).__name__, maxsplit=1)[0]
+    sent = printable(line.rstrip("\r\n").encode("latin-1", "replace"))  # pywsgi's decoding
+    if len(sent) > _QUOTED:
+        sent = sent[:_QUOTED] + "..."
+    return f"{reason}; request line {sent}"
 
 
 def served_tables(address: Address, timeout: float = 10.0) -> list[list[str]]:

@@ -195,7 +195,7 @@ class Server:
             maps=maps,
         )
         registry = metrics.registry(collector)
-        return [metrics.wsgi_server(endpoint.sock, registry) for endpoint in endpoints]
+        return [metrics.wsgi_server(e.sock, registry, self.warn_peer) for e in endpoints]
 
     def start(self) -> None:
         _raise_fd_limit(self._config.max_connections)
@@ -247,7 +247,11 @@ class Server:
 
     def warn(self, wire: _Wire, address: object, message: str) -> None:
         """Log a warning about a client, unless it has had its share (ratelimit.py)."""
-        if self.warnings.allow(client_key(wire.sock, address)):
+        self.warn_peer(wire.sock, address, message)
+
+    def warn_peer(self, sock: socket.socket, address: object, message: str) -> None:
+        """warn() for any client socket (the metrics listener's too)."""
+        if self.warnings.allow(client_key(sock, address)):
             peer = format_address(address)
             log.warning("%s: %s", peer, message, extra={"CLIENT": peer})
         else:

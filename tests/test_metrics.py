@@ -28,9 +28,9 @@ from prometheus_client.parser import text_string_to_metric_families
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(port: int, path: str = "/metrics") -> Samples:
+def scrape(port: int, path: str = "/metrics", timeout: float = 5) -> Samples:
     """Every sample of one scrape, by (name, sorted labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as reply:
         assert reply.headers["Content-Type"].startswith("text/plain")
         text = reply.read().decode()
     # prometheus_client 0.16 leaves the parser untyped; later versions type it.
