@@ -78,7 +78,7 @@ class Responder:
         if not self._warned:  # once: each lookup of such a key would log it again
             self._warned = True
             log.warning(
-                "map %s: the value of %s (%d bytes) does not fit a tcp_table reply: answered "
+                "map %s: the value of key %s (%d bytes) does not fit a tcp_table reply: answered "
                 "400; query this map over socketmap (logged once)",
                 self._name,
                 printable(key),

@@ -495,7 +495,7 @@ def test_long_values_served_over_socketmap_and_400_on_tcp_table(
         assert b"value too long for a tcp_table reply" in result.stderr
     result = run("tcpmap-query", "-s", f"socketmap:unix:{sock}:lists", "list")
     assert (result.returncode, result.stdout) == (0, value + b"\n")
-    srv.wait_for_log(r"map lists: the value of b'list' \(50000 bytes\) does not fit")
+    srv.wait_for_log(r"map lists: the value of key list \(50000 bytes\) does not fit")
     srv.stop()
     assert sum("does not fit a tcp_table reply" in line for line in srv.logs) == 1
     info = run("tcpmap-query", "--info", str(source)).stdout
