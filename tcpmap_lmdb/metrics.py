@@ -5,8 +5,9 @@ and the tables' state through a custom Collector (prometheus_client's
 "custom collectors"), so no prometheus_client object is touched per lookup.
 Served on its own listener by gevent.pywsgi and make_wsgi_app, on the server's
 event loop: no thread. Every client is untrusted: each request must arrive, and its
-reply be sent, within REQUEST_TIMEOUT, so idle or trickling (slowloris) connections
-hold one of the SCRAPERS slots for at most that long; a bad request gets a 400 and
+reply be sent, within REQUEST_TIMEOUT, and of SCRAPERS connections at once the one
+waiting longest for its request (idle, slowloris) makes room for a newcomer
+(_Slots), so no number of them blocks a scrape; a bad request gets a 400 and
 one rate-limited warning that names the client, never a traceback. Coded against
 prometheus_client 0.16 (Debian 12; 0.21 in Debian 13). Names follow https://prometheus.io/docs/practices/naming/.
 """
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import gevent
-from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
@@ -45,8 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Connections served at once; more wait in the listen queue. One Prometheus
-# scrapes over one connection at a time: a few servers, an admin's curl, and room.
+# Connections served at once. One Prometheus scrapes over one connection at a
+# time: a few servers, an admin's curl, and room. A newcomer beyond them takes the
+# slot of the connection that has waited longest for its request (_Slots).
 SCRAPERS = 16
 # Seconds for a whole request to arrive (from the connection, or from the last
 # reply on a kept-alive one) and for its reply to be sent. A scrape on loopback
@@ -220,7 +223,7 @@ def registry(collector: TcpmapCollector) -> CollectorRegistry:
     return registry
 
 
-def wsgi_server(sock: Any, registry: CollectorRegistry, warn: Warn) -> WSGIServer:
+def wsgi_server(sock: Any, registry: CollectorRegistry, warn: Warn) -> _MetricsServer:
     """GET /metrics on SOCK (a listening gevent socket), on the running hub.
 
     WARN reports clients that send what is not a request for this listener.
@@ -233,10 +236,11 @@ def wsgi_server(sock: Any, registry: CollectorRegistry, warn: Warn) -> WSGIServe
             return [b"only /metrics here\n"]
         return app(environ, start_response)
 
+    slots = _Slots(SCRAPERS)
     server = _MetricsServer(
         sock,
         only_metrics,
-        spawn=Pool(SCRAPERS),
+        spawn=slots.admit,
         log=None,  # no access log
         error_log=None,  # errors go through _ScrapeHandler, as warnings
         handler_class=_ScrapeHandler,
@@ -244,11 +248,75 @@ def wsgi_server(sock: Any, registry: CollectorRegistry, warn: Warn) -> WSGIServe
         environ={"SERVER_NAME": format_address(sock.getsockname()).rpartition(":")[0]},
     )
     server.warn = warn
+    server.slots = slots
     return server
+
+
+class _Slots:
+    """The metrics listener's connections: at most LIMIT, and newcomers always get one.
+
+    When all are taken, a newcomer takes the slot of the connection that has waited
+    longest for a whole request (idle, or trickling one: slowloris), as the map
+    listeners do at --max-connections; a connection whose request has arrived is never
+    chosen. If none is waiting (all are sending replies, each within REQUEST_TIMEOUT),
+    the newcomer is closed. So N hostile connections cannot make a scrape wait:
+    without this, each round of LIMIT of them held it REQUEST_TIMEOUT longer.
+    Runs in the hub (BaseServer calls it from its accept watcher): nothing here blocks.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: set[Any] = set()  # the connections' greenlets
+        # Connections waiting for a whole request: greenlet -> (since, socket).
+        self.waiting: dict[Any, tuple[float, Any]] = {}
+
+    def admit(self, run: Callable[..., object], /, *args: Any, **kwargs: Any) -> Any:
+        """gevent's spawn(), as BaseServer.do_handle calls it: RUN(*ARGS) in a greenlet.
+
+        None when the newcomer was closed: no slot could be freed.
+        """
+        if len(self.open) >= self.limit and not self._evict():
+            _handle, close, conn = args
+            close(*conn)
+            return None
+        greenlet = gevent.spawn(run, *args, **kwargs)
+        self.open.add(greenlet)
+        greenlet.rawlink(self._ended)
+        return greenlet
+
+    def _ended(self, greenlet: Any) -> None:
+        self.open.discard(greenlet)
+        self.waiting.pop(greenlet, None)
+
+    def _evict(self) -> bool:
+        for greenlet, (_, sock) in sorted(self.waiting.items(), key=lambda item: item[1][0]):
+            if _has_input(sock):
+                continue  # its request has arrived; the hub has yet to run its greenlet
+            del self.waiting[greenlet]
+            greenlet.kill(block=False)  # GreenletExit: pywsgi closes its socket
+            return True
+        return False
+
+
+def _has_input(sock: Any) -> bool:
+    """Whether the client has sent bytes not read yet (without waiting: we are the hub)."""
+    try:
+        peek = socket.socket(fileno=sock.fileno())
+    except OSError:
+        return False
+    try:
+        return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # an error to read: let its greenlet find it
+    finally:
+        peek.detach()
 
 
 class _MetricsServer(WSGIServer):
     warn: Warn
+    slots: _Slots
 
 
 def _response(status: str, text: str) -> bytes:
@@ -288,6 +356,9 @@ class _ScrapeHandler(WSGIHandler):  # type: ignore[misc,unused-ignore]
 
     def handle_one_request(self) -> Any:
         self._warned = False
+        waiting = self.server.slots.waiting
+        current = gevent.getcurrent()
+        waiting[current] = (time.monotonic(), self.socket)  # until read_request is done
         deadline = gevent.Timeout(REQUEST_TIMEOUT)
         deadline.start()
         try:
@@ -299,6 +370,7 @@ class _ScrapeHandler(WSGIHandler):  # type: ignore[misc,unused-ignore]
             return None
         finally:
             deadline.close()
+            waiting.pop(current, None)
         if isinstance(result, tuple) and not self._warned:  # an error pywsgi did not report
             status = result[0]
             self._warn(
@@ -306,6 +378,12 @@ class _ScrapeHandler(WSGIHandler):  # type: ignore[misc,unused-ignore]
                 if status == "414"
                 else f"bad request, answered {status}"
             )
+        return result
+
+    def read_request(self, raw_requestline: str) -> Any:
+        """pywsgi's: the request line and headers are in; the connection is busy now."""
+        result = super().read_request(raw_requestline)
+        self.server.slots.waiting.pop(gevent.getcurrent(), None)
         return result
 
     def _timed_out(self) -> None:

@@ -29,12 +29,13 @@ def metered(
 def test_idle_and_slowloris_clients_do_not_block_scraping(
     metered: tuple[ServerProcess, int],
 ) -> None:
-    """More silent connections than scrapes served at once (half never send, half send half
-    a request): a scrape is still answered, within the per-request deadline."""
+    """Three times more silent connections than scrapes served at once (half never send,
+    half send half a request): a scrape is still answered at once, as each newcomer takes
+    the slot of the connection that has waited longest for its request."""
     srv, port = metered
     hostile = []
     try:
-        for n in range(metrics.SCRAPERS + 4):
+        for n in range(3 * metrics.SCRAPERS):
             sock = socket.create_connection(("127.0.0.1", port), timeout=5)
             if n % 2:
                 sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # headers never end
@@ -43,11 +44,14 @@ def test_idle_and_slowloris_clients_do_not_block_scraping(
         got = scrape(port, timeout=metrics.REQUEST_TIMEOUT + 10)
         elapsed = time.monotonic() - started
         assert ("tcpmap_connections_open", ()) in got
-        assert elapsed < metrics.REQUEST_TIMEOUT + 3, f"scrape took {elapsed:.1f}s"
-        # The silent ones were closed at their deadline: EOF, not a reply.
+        assert elapsed < 2.0, f"scrape took {elapsed:.1f}s"
+        # The silent ones were closed, for a newcomer or at their deadline: EOF, not a reply.
         for sock in hostile:
             sock.settimeout(metrics.REQUEST_TIMEOUT + 5)
-            assert sock.recv(4096) == b""
+            try:
+                assert sock.recv(4096) == b""
+            except ConnectionResetError:
+                pass  # closed with the half request unread: a reset
     finally:
         for sock in hostile:
             sock.close()
