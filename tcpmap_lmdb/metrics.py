@@ -56,6 +56,9 @@ SCRAPERS = 16
 # takes milliseconds; Prometheus reconnects for the next scrape if this closed
 # its idle connection (its scrape_interval is 15 s or more).
 REQUEST_TIMEOUT = 5.0
+# How much of a waiting request is looked at for its end (pywsgi reads a request
+# line of up to 8 KiB, and headers after it).
+_PEEK = 65536
 # How much of a bad request a warning quotes.
 _QUOTED = 100
 
@@ -281,6 +284,8 @@ class _Slots:
             return None
         greenlet = gevent.spawn(run, *args, **kwargs)
         self.open.add(greenlet)
+        # Waiting for its request from now: the hub may accept more before it runs.
+        self.waiting[greenlet] = (time.monotonic(), args[2][0])
         greenlet.rawlink(self._ended)
         return greenlet
 
@@ -290,22 +295,31 @@ class _Slots:
 
     def _evict(self) -> bool:
         for greenlet, (_, sock) in sorted(self.waiting.items(), key=lambda item: item[1][0]):
-            if _has_input(sock):
+            if _has_request(sock):
                 continue  # its request has arrived; the hub has yet to run its greenlet
             del self.waiting[greenlet]
-            greenlet.kill(block=False)  # GreenletExit: pywsgi closes its socket
+            running = bool(greenlet)
+            greenlet.kill(block=False)  # running: GreenletExit, and pywsgi closes its socket
+            if not running:  # it never will run: nothing else closes its socket
+                sock.close()
             return True
         return False
 
 
-def _has_input(sock: Any) -> bool:
-    """Whether the client has sent bytes not read yet (without waiting: we are the hub)."""
+def _has_request(sock: Any) -> bool:
+    """Whether a whole request head (up to its blank line) waits unread in SOCK's buffer.
+
+    Peeked, without waiting (we are the hub). Part of one does not count: that is
+    how a slowloris client looks. pywsgi reads what it can, so a connection whose
+    handler is already reading one has nothing here until its client sends more.
+    """
     try:
         peek = socket.socket(fileno=sock.fileno())
     except OSError:
         return False
     try:
-        return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        data = peek.recv(_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return b"\n\r\n" in data or b"\n\n" in data
     except BlockingIOError:
         return False
     except OSError:
@@ -358,7 +372,8 @@ class _ScrapeHandler(WSGIHandler):  # type: ignore[misc,unused-ignore]
         self._warned = False
         waiting = self.server.slots.waiting
         current = gevent.getcurrent()
-        waiting[current] = (time.monotonic(), self.socket)  # until read_request is done
+        # Until read_request is done; the first request waits since the accept (_Slots.admit).
+        waiting.setdefault(current, (time.monotonic(), self.socket))
         deadline = gevent.Timeout(REQUEST_TIMEOUT)
         deadline.start()
         try:
