@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import __version__
-from .client import TABLE_FORMS, LookupFailed, ServerFailed, TableName, connect
+from .client import (
+    DEFAULT_TIMEOUT,
+    TABLE_FORMS,
+    LookupFailed,
+    ServerFailed,
+    TableName,
+    connect,
+    served_tables,
+)
 from .config import (
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
@@ -206,6 +215,14 @@ def query_parser() -> argparse.ArgumentParser:
     )
     _fold_option(parser)
     parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="give up on a server that has not answered in this time (default %(default)g, "
+        "as Postfix's tcp: and socketmap: clients)",
+    )
+    parser.add_argument(
         "keys",
         nargs="*",
         metavar="KEY",
@@ -229,19 +246,35 @@ def _show(data: bytes) -> str:
 
 
 def query_main(argv: list[str] | None = None) -> int:
+    """Run tcpmap-query; the exit status: 0 found, 1 none found, 2 error, 130 interrupted."""
+    try:
+        status = _query(argv)
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        print("tcpmap-query: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (| head): nothing to say, and nothing left to flush
+        # at exit (Python docs, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 2
+    return status
+
+
+def _query(argv: list[str] | None) -> int:
     parser = query_parser()
     args = parser.parse_args(argv)
     if args.dump is not None or args.info is not None:
         if args.keys:
             parser.error("--dump and --info take no keys")
-        return _inspect(args.dump, args.info)
+        return _inspect(args.dump, args.info, args.timeout)
     table = _table_name(parser, args)
     # Like postmap: one key given prints the value; a list prints KEY<TAB>VALUE.
     one_key = len(args.keys) == 1 and args.keys[0] != "-"
     out = sys.stdout.buffer
     found_any = failed = False
     try:
-        with _lookup_function(table, args.fold_keys) as lookup:
+        with _lookup_function(table, args.fold_keys, args.timeout) as lookup:
             for key in _keys(args.keys):
                 try:
                     value = lookup(key)
@@ -284,13 +317,13 @@ def _table_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Ta
         parser.error(str(exc))
 
 
-def _inspect(dump: str | None, info: str | None) -> int:
+def _inspect(dump: str | None, info: str | None, timeout: float) -> int:
     from . import dump as tables  # noqa: PLC0415
 
     name = dump if dump is not None else info
     assert name is not None
     if info is not None and info.startswith("metrics:"):
-        return _server_info(info)
+        return _server_info(info, timeout)
     if TableName.looks_like(name) and not name.startswith("lmdb:"):
         print(
             f"tcpmap-query: {name}: tcp_table and socketmap have no request that lists keys "
@@ -315,15 +348,17 @@ def _inspect(dump: str | None, info: str | None) -> int:
     return 0
 
 
-def _server_info(spec: str) -> int:
+def _server_info(spec: str, timeout: float) -> int:
     """--info metrics:HOST:PORT: what a running server serves, from its metrics."""
-    from .metrics import served_tables  # noqa: PLC0415 - prometheus_client only here
-
     try:
         address = Address.parse(spec.removeprefix("metrics:"))
-        tables = served_tables(address)
-    except (ConfigError, OSError, ValueError) as exc:
-        print(f"tcpmap-query: {spec}: {exc}", file=sys.stderr)
+    except ConfigError as exc:
+        print(f"tcpmap-query: --info {exc}", file=sys.stderr)
+        return 2
+    try:
+        tables = served_tables(address, timeout)
+    except ServerFailed as exc:
+        print(f"tcpmap-query: {exc}", file=sys.stderr)
         return 2
     for table in tables:
         print("\n".join(table))
@@ -332,7 +367,7 @@ def _server_info(spec: str) -> int:
 
 @contextlib.contextmanager
 def _lookup_function(
-    name: TableName, fold_keys: FoldKeys
+    name: TableName, fold_keys: FoldKeys, timeout: float
 ) -> Iterator[Callable[[bytes], bytes | None]]:
     if name.type == "lmdb":
         assert name.path is not None
@@ -342,7 +377,7 @@ def _lookup_function(
         finally:
             table.close()
     else:
-        client = connect(name)
+        client = connect(name, timeout)
         try:
             yield client.lookup
         finally:
