@@ -269,6 +269,12 @@ def _query(argv: list[str] | None) -> int:
             parser.error("--dump and --info take no keys")
         return _inspect(args.dump, args.info, args.timeout)
     table = _table_name(parser, args)
+    if table.type == "lmdb":
+        assert table.path is not None
+        mistake = _address_for_a_file("--db" if args.db is not None else "lmdb:", table.path)
+        if mistake is not None:
+            print(f"tcpmap-query: {mistake}", file=sys.stderr)
+            return 2
     # Like postmap: one key given prints the value; a list prints KEY<TAB>VALUE.
     one_key = len(args.keys) == 1 and args.keys[0] != "-"
     out = sys.stdout.buffer
@@ -324,7 +330,8 @@ def _inspect(dump: str | None, info: str | None, timeout: float) -> int:
     assert name is not None
     if info is not None and info.startswith("metrics:"):
         return _server_info(info, timeout)
-    if TableName.looks_like(name) and not name.startswith("lmdb:"):
+    mistake = _address_for_a_file(f"--{'dump' if dump is not None else 'info'}", name)
+    if mistake is None and TableName.looks_like(name) and not name.startswith("lmdb:"):
         print(
             f"tcpmap-query: {name}: tcp_table and socketmap have no request that lists keys "
             "or describes a table (tcp_table(5), socketmap_table(5)); run this on the "
@@ -332,6 +339,9 @@ def _inspect(dump: str | None, info: str | None, timeout: float) -> int:
             "or ask the server's metrics listener: --info metrics:HOST:PORT",
             file=sys.stderr,
         )
+        return 2
+    if mistake is not None:
+        print(f"tcpmap-query: {mistake}", file=sys.stderr)
         return 2
     path = table_path(name)
     out = sys.stdout.buffer
@@ -346,6 +356,46 @@ def _inspect(dump: str | None, info: str | None, timeout: float) -> int:
         print(f"tcpmap-query: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+_ADDRESS_TYPES = ("tcp", "socketmap", "inet", "metrics")
+
+
+def _address_for_a_file(option: str, text: str) -> str | None:
+    """Why TEXT, given to OPTION (--dump, --info, --db, lmdb:), is an address and not the
+    table file OPTION reads, and what to give instead; None if it may be a file.
+
+    A file that exists is a file, however its name looks.
+    """
+    if Path(text).exists() or table_path(text).exists():
+        return None
+    kind, _, rest = text.partition(":")
+    if kind in _ADDRESS_TYPES and TableName.looks_like(text):
+        what = f"{text} is a server address"
+    elif kind == "metrics":
+        what = f"{text} is a metrics listener's address"
+    else:
+        if kind == "inet":
+            text = rest
+        try:
+            address = Address.parse(text)
+        except ConfigError:
+            return None
+        if ":" not in text:
+            return None  # a bare number is a port to Address.parse, but may be a file name
+        what = f"{'inet:' if kind == 'inet' else ''}{text} is an address"
+        text = f"tcp:{address}"
+    reads = "names" if option == "lmdb:" else "reads"
+    if option == "--dump":
+        fix = (
+            "tcp_table and socketmap have no request that lists keys; run --dump on the "
+            "server's host with its table file"
+        )
+    elif option == "--info":
+        fix = "for what a running server serves, ask its metrics listener: --info metrics:HOST:PORT"
+    else:
+        fix = f"to look keys up through the server, give -s {text}"
+    return f"{option} {reads} an LMDB table file; {what}: {fix}"
 
 
 def _server_info(spec: str, timeout: float) -> int:

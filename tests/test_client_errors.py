@@ -252,3 +252,35 @@ def test_output_closed_early_is_no_error(tmp_path: Path) -> None:
     proc.stderr.close()
     assert proc.wait(30) != 0
     assert err == b"", err
+
+
+# --- a server address where a table file is taken ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--dump", "{addr}"], "--dump reads an LMDB table file; {addr} is an address"),
+        (["--dump", "inet:{addr}"], "--dump reads an LMDB table file; inet:{addr} is an address"),
+        (["--info", "{addr}"], "--info reads an LMDB table file; {addr} is an address"),
+        (["--db", "{addr}", "k"], "--db reads an LMDB table file; {addr} is an address"),
+        (["--db", "tcp:{addr}", "k"], "--db reads an LMDB table file; tcp:{addr} is a server"),
+        (["-s", "lmdb:{addr}", "k"], "lmdb: names an LMDB table file; {addr} is an address"),
+        (["--dump", "metrics:{addr}"], "--dump reads an LMDB table file; metrics:{addr} is"),
+    ],
+)
+def test_address_given_for_a_table_file(args: list[str], says: str) -> None:
+    """An address where a file is expected: say which the option needs, and what to use."""
+    addr = f"127.0.0.1:{free_port()}"
+    result = query(*(arg.format(addr=addr) for arg in args))
+    line = assert_one_clear_line(result, int(addr.rpartition(":")[2]), "address")
+    assert says.format(addr=addr) in line, line
+
+
+def test_file_named_like_an_address_is_still_read(tmp_path: Path) -> None:
+    """A table file that exists is read, however its name looks."""
+    source = tmp_path / "127.0.0.1:4242"
+    source.write_bytes(b"k v\n")
+    assert build.main(["-q", str(source)]) == 0
+    result = query("--dump", str(source))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "k\tv\n", "")
