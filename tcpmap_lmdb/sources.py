@@ -14,6 +14,7 @@ from functools import partial
 from itertools import chain
 from typing import Literal, NamedTuple
 
+from tcpmap_lmdb.dbformat import _BERKELEY_DB, _LMDB_MAGIC
 from tcpmap_lmdb.postfix import AliasNames
 
 Syntax = Literal["postmap", "aliases"]
@@ -325,3 +326,60 @@ def _entries(
 
 def _excerpt(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --- inputs that are no source at all ------------------------------------------
+
+# How many of a source's first bytes not_a_source() needs to see.
+HEAD_BYTES = 4096
+# Compressed files, by their magic numbers: gzip (RFC 1952), xz (its file format
+# spec, 2.1.1.1), bzip2 ("BZh" and a block size digit), zstd (RFC 8878, 3.1.1).
+_COMPRESSED = (
+    (b"\x1f\x8b", "gzip", "zcat"),
+    (b"\xfd7zXZ\x00", "xz", "xzcat"),
+    (b"BZh", "bzip2", "bzcat"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "zstdcat"),
+)
+
+
+class NotASource(NamedTuple):
+    """What a file is instead of a source, and how to get one from it."""
+
+    what: str  # "an LMDB table", ...
+    fix: str  # what to give instead
+
+
+def not_a_source(head: bytes, name: str) -> NotASource | None:
+    """What the file NAME, whose first bytes are HEAD (HEAD_BYTES of them, or all it
+    has), is if it is obviously no table source: a table (LMDB, Berkeley DB), a
+    compressed file, or binary data (a NUL byte in its first line); None if it may be
+    text. A NUL further down is left to the parser: a text source with a stray NUL
+    gets its FILE:LINE error ("NUL byte in input").
+    """
+    # The table formats, by the magic numbers dbformat.not_a_table reads.
+    if head[16:20] == _LMDB_MAGIC:
+        return NotASource(
+            "an LMDB table",
+            f"give the text file it was built from (tcpmap-query --dump {name} prints its records)",
+        )
+    kind = _BERKELEY_DB.get(head[12:16])
+    if kind is not None:
+        table = name.removesuffix(".db")
+        return NotASource(
+            f"a Berkeley DB {kind} file (Postfix's {kind}: table)",
+            f"give the text file it was built from (postmap -s {kind}:{table} prints its records)",
+        )
+    for magic, compression, cat in _COMPRESSED:
+        if head.startswith(magic):
+            return NotASource(
+                f"{compression}-compressed data",
+                f"decompress it first, e.g. {cat} {name} | tcpmap-build -o OUTPUT -",
+            )
+    first_line = head.split(b"\n", 1)[0]
+    nul = first_line.find(b"\x00")
+    if nul >= 0:
+        return NotASource(
+            f"binary data (a NUL byte in its first line, at offset {nul})",
+            "give the table's text source file",
+        )
+    return None
