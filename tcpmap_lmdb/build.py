@@ -780,7 +780,10 @@ def _sort_and_write(job: _Job, stream: BinaryIO) -> int:
     how = f"{syntax} syntax, {'folded' if args.fold else 'not folded'}"
     records = _distinct_batches(job)
     if job.writer is None:
-        count = sum(len(keys) for keys, _ in records)
+        count = long_values = 0
+        for keys, values in records:
+            count += len(keys)
+            long_values += too_long_for_tcp_table(values) if args.long_values else 0
         report.flush()
         done = f"{job.name}: {plural(count, 'record')} OK ({how})"
     else:
@@ -799,11 +802,18 @@ def _sort_and_write(job: _Job, stream: BinaryIO) -> int:
             )
 
         count = job.writer.publish(info, args.mode)
+        long_values = writer.long_values
         report.flush()
         done = f"wrote {plural(count, 'record')} to {job.writer.target} ({how})"
     job.progress.finish()
     if not args.quiet:
         print(f"{PROG}: {done}", file=sys.stderr)
+    if long_values:
+        print(
+            f"{PROG}: warning: {plural(long_values, 'value')} too long for a tcp_table reply "
+            "(tcp_table lookups of them are answered 400; socketmap serves them)",
+            file=sys.stderr,
+        )
     if job.writer is not None:
         _warn_unreadable(job.writer.target)
     return 0
