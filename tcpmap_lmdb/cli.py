@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -268,7 +269,10 @@ def _query(argv: list[str] | None) -> int:
         if args.keys:
             parser.error("--dump and --info take no keys")
         return _inspect(args.dump, args.info, args.timeout)
+    server_given = args.server is not None or args.db is not None
     table = _table_name(parser, args)
+    if not server_given and args.server is None:  # no table given, not even after the keys
+        _note_addresses_taken_as_keys(args.keys)
     if table.type == "lmdb":
         assert table.path is not None
         mistake = _address_for_a_file("--db" if args.db is not None else "lmdb:", table.path)
@@ -356,6 +360,30 @@ def _inspect(dump: str | None, info: str | None, timeout: float) -> int:
         print(f"tcpmap-query: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def _note_addresses_taken_as_keys(keys: list[str]) -> None:
+    """postmap's KEY TABLE order needs the table's type: KEY HOST:PORT is two keys."""
+    for key in keys:
+        if _looks_like_address(key):
+            print(
+                f"tcpmap-query: note: {key} is taken as a key; did you mean -s {key}?",
+                file=sys.stderr,
+            )
+
+
+def _looks_like_address(text: str) -> bool:
+    """Whether TEXT, a key, reads as HOST:PORT or [IPV6]:PORT (a table meant with -s)."""
+    if ":" not in text:
+        return False
+    try:
+        address = Address.parse(text)
+    except ConfigError:
+        return False
+    return address.port > 0 and (":" in address.host or bool(_HOST_NAME.fullmatch(address.host)))
 
 
 _ADDRESS_TYPES = ("tcp", "socketmap", "inet", "metrics")

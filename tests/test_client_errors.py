@@ -284,3 +284,31 @@ def test_file_named_like_an_address_is_still_read(tmp_path: Path) -> None:
     assert build.main(["-q", str(source)]) == 0
     result = query("--dump", str(source))
     assert (result.returncode, result.stdout, result.stderr) == (0, "k\tv\n", "")
+
+
+# --- an address taken as a key ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["alice@example.com", "{addr}"],  # postmap's order, without the table's type
+        ["{addr}"],
+        ["{addr}", "alice@example.com"],
+    ],
+)
+def test_address_given_as_a_key_is_noted(listeners: dict[str, int], args: list[str]) -> None:
+    """KEY HOST:PORT: HOST:PORT is a key (as to postmap); say so, and what was meant."""
+    addr = f"127.0.0.1:{listeners['tcp_table']}"
+    result = query("--timeout", "5", *(arg.format(addr=addr) for arg in args))
+    note = f"tcpmap-query: note: {addr} is taken as a key; did you mean -s {addr}?"
+    assert note in result.stderr.splitlines(), result.stderr
+
+
+@pytest.mark.parametrize("args", [["-s", "tcp:{addr}", "{addr}"], ["alice@example.com"]])
+def test_no_note_when_a_server_is_given_or_no_key_looks_like_one(
+    listeners: dict[str, int], args: list[str]
+) -> None:
+    addr = f"127.0.0.1:{listeners['tcp_table']}"
+    result = query("--timeout", "5", *(arg.format(addr=addr) for arg in args))
+    assert "note:" not in result.stderr
