@@ -198,7 +198,8 @@ def query_parser() -> argparse.ArgumentParser:
         "--server",
         metavar="TABLE",
         help=f"the table, as main.cf names it: {TABLE_FORMS} "
-        f"(default tcp:{DEFAULT_HOST}:{DEFAULT_PORT}). postmap's order, KEY... TABLE, works too",
+        f"(default tcp:{DEFAULT_HOST}:{DEFAULT_PORT}). postmap's order works too, with the "
+        "table's type: KEY... tcp:HOST:PORT (a bare HOST:PORT there is a key)",
     )
     source.add_argument("--db", metavar="PATH", help="look up in this table file directly")
     source.add_argument(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from postfix_tools import run_postfix
+from postfix_tools import postfix_config_dir, run_postfix
 
 from tcpmap_lmdb import build
 
@@ -45,8 +45,6 @@ def ours(tmp: Path) -> Path:
 
 def postmap_table(kind: str) -> Callable[[Path], Path]:
     def make(tmp: Path) -> Path:
-        from conftest import postfix_config_dir  # noqa: PLC0415
-
         (tmp / "virtual").write_bytes(SOURCE)
         done = run_postfix("postmap", postfix_config_dir(tmp), f"{kind}:{tmp / 'virtual'}")
         assert done.returncode == 0, done.stderr

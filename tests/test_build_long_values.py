@@ -9,6 +9,7 @@ own summary must count the same values in every case.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,11 +31,19 @@ def lines() -> list[bytes]:
     return [key + b" " + value + b"\n" for key, value in sorted(records.items())]
 
 
-ORDERS = {
-    "sorted": lambda ls: ls,
-    "shuffled": lambda ls: random.Random(17).sample(ls, len(ls)),  # noqa: S311 - test data
-    # in key order for most of the file, then not: the sink gives its records back
-    "sorted, then not": lambda ls: ls[: len(ls) * 3 // 4] + ls[len(ls) * 3 // 4 :][::-1],
+def _shuffled(ls: list[bytes]) -> list[bytes]:
+    return random.Random(17).sample(ls, len(ls))  # noqa: S311 - test data
+
+
+def _sorted_then_not(ls: list[bytes]) -> list[bytes]:
+    """In key order for most of the file, then not: the sink gives its records back."""
+    return ls[: len(ls) * 3 // 4] + ls[len(ls) * 3 // 4 :][::-1]
+
+
+ORDERS: dict[str, Callable[[list[bytes]], list[bytes]]] = {
+    "sorted": list,
+    "shuffled": _shuffled,
+    "sorted, then not": _sorted_then_not,
 }
 
 
