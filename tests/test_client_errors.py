@@ -173,6 +173,40 @@ def test_misbehaving_peer(client: str, peer: str) -> None:
         assert "no reply within 1 s" in line, line
 
 
+def answering(reply: bytes) -> Callable[[socket.socket], None]:
+    def behaviour(conn: socket.socket) -> None:
+        _read_a_little(conn)
+        conn.sendall(reply)
+        conn.close()
+
+    return behaviour
+
+
+@pytest.mark.parametrize(
+    ("client", "reply", "says"),
+    [
+        ("tcp_table", b"9:NOTFOUND ,", "it answered a netstring: a socketmap listener?"),
+        ("tcp_table", b"HTTP/1.0 400 Bad Request\r\n\r\n", "it answered HTTP"),
+        ("socketmap", b"500 not%20found\n", "it answered a tcp_table reply"),
+        ("socketmap", b"7:MAYBE x,", "malformed reply b'MAYBE x'; expected a socketmap server"),
+        ("socketmap", b"200000:", "reply length b'200000' over the limit"),
+        ("socketmap", b"200:", "malformed netstring reply b'200:'"),
+        ("metrics", b"HTTP/1.0 404 Not Found\r\n\r\n", "GET /metrics answered HTTP 404"),
+        ("metrics", b"HTTP/1.0 200 OK\r\n\r\nhello world\n", "not a tcpmap-server's metrics"),
+        ("metrics", b"9:NOTFOUND ,", "it answered a netstring"),
+    ],
+)
+def test_other_servers(client: str, reply: bytes, says: str) -> None:
+    """Other kinds of server (not tcpmap-server) at the address: what they answered, named."""
+    server = Peer(answering(reply))
+    try:
+        args, word = CLIENTS[client]
+        line = assert_one_clear_line(query("--timeout", "5", *args(server.port)), server.port, word)
+    finally:
+        server.close()
+    assert says in line, line
+
+
 @pytest.mark.parametrize("client", CLIENTS)
 def test_closed_port(client: str) -> None:
     port = free_port()
