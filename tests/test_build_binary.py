@@ -88,6 +88,7 @@ def postfix_if(request: pytest.FixtureRequest) -> None:
 @pytest.mark.usefixtures("postfix_if")
 @pytest.mark.parametrize("kind", INPUTS)
 def test_binary_input_is_refused_and_the_output_untouched(tmp_path: Path, kind: str) -> None:
+    """One line saying what the file is; exit 1; the old table and the directory as they were."""
     make, says, _ = INPUTS[kind]
     given = make(tmp_path)
     output = tmp_path / "out.lmdb"
@@ -118,6 +119,7 @@ def test_lmdb_table_as_its_own_source_default_output(tmp_path: Path) -> None:
 
 
 def test_lmdb_table_on_stdin(tmp_path: Path) -> None:
+    """A table piped in (-) is recognised too, and no output is created."""
     table = ours(tmp_path)
     result = tcpmap_build("-o", str(tmp_path / "x.lmdb"), "-", stdin=table.read_bytes())
     assert result.returncode == 1
@@ -126,6 +128,7 @@ def test_lmdb_table_on_stdin(tmp_path: Path) -> None:
 
 
 def test_check_refuses_binary_input_too(tmp_path: Path) -> None:
+    """--check says the same as a build."""
     table = ours(tmp_path)
     result = tcpmap_build("--check", str(table))
     assert result.returncode == 1

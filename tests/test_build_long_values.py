@@ -56,6 +56,7 @@ def test_long_values_counted_in_every_order(
     order: str,
     run_bytes: str | None,
 ) -> None:
+    """The build record, --info and the warning count 3 in every order, one run or many."""
     if run_bytes is not None:
         monkeypatch.setenv("TCPMAP_BUILD_RUN_BYTES", run_bytes)  # many runs
     source = tmp_path / "lists"
@@ -76,6 +77,7 @@ def test_long_values_counted_in_every_order(
 def test_no_warning_when_every_value_fits(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A value that exactly fills a reply is not counted and not warned about."""
     source = tmp_path / "lists"
     source.write_bytes(b"k " + b"a" * 4091 + b"\n")
     assert build.main(["--long-values", str(source)]) == 0
@@ -102,6 +104,7 @@ def test_duplicates_count_only_the_value_kept(
 
 
 def test_check_counts_them_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--check warns with the same count, and writes nothing."""
     source = tmp_path / "lists"
     source.write_bytes(b"".join(lines()))
     assert build.main(["--check", "--long-values", str(source)]) == 0

@@ -209,6 +209,7 @@ def test_other_servers(client: str, reply: bytes, says: str) -> None:
 
 @pytest.mark.parametrize("client", CLIENTS)
 def test_closed_port(client: str) -> None:
+    """Nothing listens: the connect error names the address (postmap's wording for tcp:)."""
     port = free_port()
     args, word = CLIENTS[client]
     line = assert_one_clear_line(query(*args(port)), port, word)
