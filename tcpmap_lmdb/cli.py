@@ -336,15 +336,6 @@ def _inspect(dump: str | None, info: str | None, timeout: float) -> int:
     if info is not None and info.startswith("metrics:"):
         return _server_info(info, timeout)
     mistake = _address_for_a_file(f"--{'dump' if dump is not None else 'info'}", name)
-    if mistake is None and TableName.looks_like(name) and not name.startswith("lmdb:"):
-        print(
-            f"tcpmap-query: {name}: tcp_table and socketmap have no request that lists keys "
-            "or describes a table (tcp_table(5), socketmap_table(5)); run this on the "
-            "server's host with the table file, e.g. --dump lmdb:/var/lib/tcpmap/virtual, "
-            "or ask the server's metrics listener: --info metrics:HOST:PORT",
-            file=sys.stderr,
-        )
-        return 2
     if mistake is not None:
         print(f"tcpmap-query: {mistake}", file=sys.stderr)
         return 2

@@ -318,7 +318,8 @@ def served_tables(address: Address, timeout: float = DEFAULT_TIMEOUT) -> list[li
             detail = f"no HTTP reply: got {shown(line.rstrip(CRLF))}"
         data = line
     except (http.client.HTTPException, OSError) as exc:
-        detail = _reason(exc, timeout) if isinstance(exc, OSError) else type(exc).__name__
+        broken = f"a broken HTTP reply ({type(exc).__name__})"
+        detail = _reason(exc, timeout) if isinstance(exc, OSError) else broken
         data = b""
     except ValueError as exc:  # not the text format, not UTF-8, or not ours
         detail, data = f"not a tcpmap-server's metrics ({exc})", b""
