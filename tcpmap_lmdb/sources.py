@@ -375,6 +375,10 @@ def not_a_source(head: bytes, name: str) -> NotASource | None:
                 f"{compression}-compressed data",
                 f"decompress it first, e.g. {cat} {name} | tcpmap-build -o OUTPUT -",
             )
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 byte order mark
+        return NotASource(
+            "UTF-16 text", f"convert it to UTF-8 first, e.g. iconv -f UTF-16 -t UTF-8 {name}"
+        )
     first_line = head.split(b"\n", 1)[0]
     nul = first_line.find(b"\x00")
     if nul >= 0:

@@ -53,10 +53,12 @@ def postmap_table(kind: str) -> Callable[[Path], Path]:
     return make
 
 
-def compressed(compress: Callable[[bytes], bytes]) -> Callable[[Path], Path]:
+def encoded(encode: Callable[[bytes], bytes]) -> Callable[[Path], Path]:
+    """The source, ENCODEd (compressed, or in another encoding)."""
+
     def make(tmp: Path) -> Path:
-        path = tmp / "virtual.compressed"
-        path.write_bytes(compress(SOURCE))
+        path = tmp / "virtual.encoded"
+        path.write_bytes(encode(SOURCE))
         return path
 
     return make
@@ -72,9 +74,10 @@ INPUTS = {
     "postmap's lmdb": (postmap_table("lmdb"), "this is an LMDB table, not a source file", True),
     "postmap's hash": (postmap_table("hash"), "this is a Berkeley DB hash file", True),
     "postmap's btree": (postmap_table("btree"), "this is a Berkeley DB btree file", True),
-    "gzip": (compressed(gzip.compress), "this is gzip-compressed data", False),
-    "xz": (compressed(lzma.compress), "this is xz-compressed data", False),
-    "bzip2": (compressed(bz2.compress), "this is bzip2-compressed data", False),
+    "gzip": (encoded(gzip.compress), "this is gzip-compressed data", False),
+    "xz": (encoded(lzma.compress), "this is xz-compressed data", False),
+    "bzip2": (encoded(bz2.compress), "this is bzip2-compressed data", False),
+    "UTF-16": (encoded(lambda text: text.decode().encode("utf-16")), "this is UTF-16 text", False),
     "program": (program, "this is binary data (a NUL byte in its first line", False),
 }
 
