@@ -9,6 +9,7 @@ RFC 822 tokenizer (tok822_scan, tok822_internalize, tok822_externalize).
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Callable, Container, Iterable, Iterator
 from functools import partial
 from itertools import chain
@@ -351,24 +352,40 @@ class NotASource(NamedTuple):
 
 def not_a_source(head: bytes, name: str) -> NotASource | None:
     """What the file NAME, whose first bytes are HEAD (HEAD_BYTES of them, or all it
-    has), is if it is obviously no table source: a table (LMDB, Berkeley DB), a
-    compressed file, or binary data (a NUL byte in its first line); None if it may be
-    text. A NUL further down is left to the parser: a text source with a stray NUL
+    has), is if it is obviously no table source: a table (LMDB, Berkeley DB, cdb),
+    compressed data, UTF-16 text, or binary data (a NUL byte in its first line); None
+    if it may be text. A NUL further down is left to the parser: a text source with a stray NUL
     gets its FILE:LINE error ("NUL byte in input").
     """
-    # The table formats, by the magic numbers dbformat.not_a_table reads.
+    return _table_file(head, name) or _not_text(head, name)
+
+
+def _table_file(head: bytes, name: str) -> NotASource | None:
+    """A table that Postfix or tcpmap-build wrote, by its magic number or layout."""
+    # LMDB and Berkeley DB: the magic numbers dbformat.not_a_table reads.
+    built_from = "give the text file it was built from"
     if head[16:20] == _LMDB_MAGIC:
         return NotASource(
-            "an LMDB table",
-            f"give the text file it was built from (tcpmap-query --dump {name} prints its records)",
+            "an LMDB table", f"{built_from} (tcpmap-query --dump {name} prints its records)"
         )
     kind = _BERKELEY_DB.get(head[12:16])
     if kind is not None:
         table = name.removesuffix(".db")
         return NotASource(
             f"a Berkeley DB {kind} file (Postfix's {kind}: table)",
-            f"give the text file it was built from (postmap -s {kind}:{table} prints its records)",
+            f"{built_from} (postmap -s {kind}:{table} prints its records)",
         )
+    if _is_cdb(head):
+        table = name.removesuffix(".cdb")
+        return NotASource(
+            "a cdb table (Postfix's cdb: type)",
+            f"{built_from} (postmap -s cdb:{table} prints its records)",
+        )
+    return None
+
+
+def _not_text(head: bytes, name: str) -> NotASource | None:
+    """Compressed data, UTF-16 text, or binary data (a NUL in the first line)."""
     for magic, compression, cat in _COMPRESSED:
         if head.startswith(magic):
             return NotASource(
@@ -387,3 +404,19 @@ def not_a_source(head: bytes, name: str) -> NotASource | None:
             "give the table's text source file",
         )
     return None
+
+
+def _is_cdb(head: bytes) -> bool:
+    """Whether HEAD starts a cdb file (cr.yp.to/cdb/cdb.txt, as tinycdb writes it).
+
+    cdb has no magic number. Its 2048-byte header holds 256 (position, slots)
+    pairs, little-endian 32-bit, pointing at hash tables written one after the
+    other past the records: table i+1 starts 8 bytes a slot after table i.
+    """
+    if len(head) < 2048:
+        return False
+    pairs = struct.unpack("<512I", head[:2048])
+    positions, slots = pairs[0::2], pairs[1::2]
+    return positions[0] >= 2048 and all(
+        positions[i + 1] == positions[i] + 8 * slots[i] for i in range(255)
+    )

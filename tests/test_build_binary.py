@@ -11,6 +11,7 @@ import bz2
 import gzip
 import lzma
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -64,6 +65,34 @@ def encoded(encode: Callable[[bytes], bytes]) -> Callable[[Path], Path]:
     return make
 
 
+def cdb(tmp: Path) -> Path:
+    """SOURCE as a cdb table, written as cr.yp.to/cdb/cdb.txt lays it out (Postfix's cdb:
+    type, through tinycdb; its postmap module is not installed here, so written by hand)."""
+    records = [line.split(b" ", 1) for line in SOURCE.splitlines()]
+    body = b""
+    tables: list[list[tuple[int, int]]] = [[] for _ in range(256)]
+    for key, value in records:
+        h = 5381
+        for byte in key:
+            h = ((h << 5) + h ^ byte) & 0xFFFFFFFF
+        tables[h & 255].append((h, 2048 + len(body)))
+        body += struct.pack("<II", len(key), len(value)) + key + value
+    header, hashes, position = b"", b"", 2048 + len(body)
+    for entries in tables:
+        slots = [(0, 0)] * (2 * len(entries))
+        for h, where in entries:
+            at = (h >> 8) % len(slots)
+            while slots[at][1]:
+                at = (at + 1) % len(slots)
+            slots[at] = (h, where)
+        header += struct.pack("<II", position, len(slots))
+        hashes += b"".join(struct.pack("<II", *slot) for slot in slots)
+        position += 8 * len(slots)
+    path = tmp / "virtual.cdb"
+    path.write_bytes(header + body + hashes)
+    return path
+
+
 def program(tmp: Path) -> Path:
     return Path(os.path.realpath(sys.executable))  # an ELF binary: NUL bytes at once
 
@@ -74,6 +103,7 @@ INPUTS = {
     "postmap's lmdb": (postmap_table("lmdb"), "this is an LMDB table, not a source file", True),
     "postmap's hash": (postmap_table("hash"), "this is a Berkeley DB hash file", True),
     "postmap's btree": (postmap_table("btree"), "this is a Berkeley DB btree file", True),
+    "cdb": (cdb, "this is a cdb table (Postfix's cdb: type)", False),
     "gzip": (encoded(gzip.compress), "this is gzip-compressed data", False),
     "xz": (encoded(lzma.compress), "this is xz-compressed data", False),
     "bzip2": (encoded(bz2.compress), "this is bzip2-compressed data", False),
