@@ -710,6 +710,9 @@ def _build(args: argparse.Namespace) -> int:
     if not args.check and name != "stdin" and _same_file(args.file, target):
         raise _Failed(f"{target}: is the source file; refusing to overwrite it")
     with _opened(args) as stream, ExitStack() as stack:
+        # Before anything is written: a table or a binary file is not a source.
+        if (instead := sources.not_a_source(_head(stream), name)) is not None:
+            raise _Failed(f"{name}: this is {instead.what}, not a source file; {instead.fix}")
         source_bytes = _size(stream)
         # The table is written from the start: a source in key order goes
         # straight into it. Until it is published, it is a temporary file.
@@ -777,7 +780,10 @@ def _sort_and_write(job: _Job, stream: BinaryIO) -> int:
     how = f"{syntax} syntax, {'folded' if args.fold else 'not folded'}"
     records = _distinct_batches(job)
     if job.writer is None:
-        count = sum(len(keys) for keys, _ in records)
+        count = long_values = 0
+        for keys, values in records:
+            count += len(keys)
+            long_values += too_long_for_tcp_table(values) if args.long_values else 0
         report.flush()
         done = f"{job.name}: {plural(count, 'record')} OK ({how})"
     else:
@@ -796,11 +802,18 @@ def _sort_and_write(job: _Job, stream: BinaryIO) -> int:
             )
 
         count = job.writer.publish(info, args.mode)
+        long_values = writer.long_values
         report.flush()
         done = f"wrote {plural(count, 'record')} to {job.writer.target} ({how})"
     job.progress.finish()
     if not args.quiet:
         print(f"{PROG}: {done}", file=sys.stderr)
+    if long_values:
+        print(
+            f"{PROG}: warning: {plural(long_values, 'value')} too long for a tcp_table reply "
+            "(tcp_table lookups of them are answered 400; socketmap serves them)",
+            file=sys.stderr,
+        )
     if job.writer is not None:
         _warn_unreadable(job.writer.target)
     return 0
@@ -853,6 +866,17 @@ def _opened(args: argparse.Namespace) -> Iterator[BinaryIO]:
         raise _Failed(f"{args.file}: {exc.strerror or exc}") from exc
     with stream:
         yield stream
+
+
+def _head(stream: BinaryIO) -> bytes:
+    """The stream's first bytes, left unread: sources.HEAD_BYTES, or what one read gave
+    (a pipe may deliver less)."""
+    if not isinstance(stream, io.BufferedReader):
+        return b""  # not from _opened: nothing to look at without consuming it
+    try:
+        return stream.peek(sources.HEAD_BYTES)[: sources.HEAD_BYTES]
+    except OSError as exc:
+        raise _Failed(f"{stream.name}: {exc.strerror or exc}") from exc
 
 
 def _size(stream: BinaryIO) -> int | None:

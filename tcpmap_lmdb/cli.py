@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import __version__
-from .client import TABLE_FORMS, LookupFailed, ServerFailed, TableName, connect
+from .client import (
+    DEFAULT_TIMEOUT,
+    TABLE_FORMS,
+    LookupFailed,
+    ServerFailed,
+    TableName,
+    connect,
+    served_tables,
+)
 from .config import (
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
@@ -218,7 +228,8 @@ def query_parser() -> argparse.ArgumentParser:
         "--server",
         metavar="TABLE",
         help=f"the table, as main.cf names it: {TABLE_FORMS} "
-        f"(default tcp:{DEFAULT_HOST}:{DEFAULT_PORT}). postmap's order, KEY... TABLE, works too",
+        f"(default tcp:{DEFAULT_HOST}:{DEFAULT_PORT}). postmap's order works too, with the "
+        "table's type: KEY... tcp:HOST:PORT (a bare HOST:PORT there is a key)",
     )
     source.add_argument("--db", metavar="PATH", help="look up in this table file directly")
     source.add_argument(
@@ -235,6 +246,14 @@ def query_parser() -> argparse.ArgumentParser:
         "serves (its metrics listener): file, records, since when",
     )
     _fold_option(parser)
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="give up on a server that has not answered in this time (default %(default)g, "
+        "as Postfix's tcp: and socketmap: clients)",
+    )
     parser.add_argument(
         "keys",
         nargs="*",
@@ -259,19 +278,44 @@ def _show(data: bytes) -> str:
 
 
 def query_main(argv: list[str] | None = None) -> int:
+    """Run tcpmap-query; the exit status: 0 found, 1 none found, 2 error, 130 interrupted."""
+    try:
+        status = _query(argv)
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        print("tcpmap-query: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (| head): nothing to say, and nothing left to flush
+        # at exit (Python docs, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 2
+    return status
+
+
+def _query(argv: list[str] | None) -> int:
     parser = query_parser()
     args = parser.parse_args(argv)
     if args.dump is not None or args.info is not None:
         if args.keys:
             parser.error("--dump and --info take no keys")
-        return _inspect(args.dump, args.info)
+        return _inspect(args.dump, args.info, args.timeout)
+    server_given = args.server is not None or args.db is not None
     table = _table_name(parser, args)
+    if not server_given and args.server is None:  # no table given, not even after the keys
+        _note_addresses_taken_as_keys(args.keys)
+    if table.type == "lmdb":
+        assert table.path is not None
+        mistake = _address_for_a_file("--db" if args.db is not None else "lmdb:", table.path)
+        if mistake is not None:
+            print(f"tcpmap-query: {mistake}", file=sys.stderr)
+            return 2
     # Like postmap: one key given prints the value; a list prints KEY<TAB>VALUE.
     one_key = len(args.keys) == 1 and args.keys[0] != "-"
     out = sys.stdout.buffer
     found_any = failed = False
     try:
-        with _lookup_function(table, args.fold_keys) as lookup:
+        with _lookup_function(table, args.fold_keys, args.timeout) as lookup:
             for key in _keys(args.keys):
                 try:
                     value = lookup(key)
@@ -314,21 +358,16 @@ def _table_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Ta
         parser.error(str(exc))
 
 
-def _inspect(dump: str | None, info: str | None) -> int:
+def _inspect(dump: str | None, info: str | None, timeout: float) -> int:
     from . import dump as tables  # noqa: PLC0415
 
     name = dump if dump is not None else info
     assert name is not None
     if info is not None and info.startswith("metrics:"):
-        return _server_info(info)
-    if TableName.looks_like(name) and not name.startswith("lmdb:"):
-        print(
-            f"tcpmap-query: {name}: tcp_table and socketmap have no request that lists keys "
-            "or describes a table (tcp_table(5), socketmap_table(5)); run this on the "
-            "server's host with the table file, e.g. --dump lmdb:/var/lib/tcpmap/virtual, "
-            "or ask the server's metrics listener: --info metrics:HOST:PORT",
-            file=sys.stderr,
-        )
+        return _server_info(info, timeout)
+    mistake = _address_for_a_file(f"--{'dump' if dump is not None else 'info'}", name)
+    if mistake is not None:
+        print(f"tcpmap-query: {mistake}", file=sys.stderr)
         return 2
     path = table_path(name)
     out = sys.stdout.buffer
@@ -345,15 +384,81 @@ def _inspect(dump: str | None, info: str | None) -> int:
     return 0
 
 
-def _server_info(spec: str) -> int:
-    """--info metrics:HOST:PORT: what a running server serves, from its metrics."""
-    from .metrics import served_tables  # noqa: PLC0415 - prometheus_client only here
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 
+
+def _note_addresses_taken_as_keys(keys: list[str]) -> None:
+    """postmap's KEY TABLE order needs the table's type: KEY HOST:PORT is two keys."""
+    for key in keys:
+        if _looks_like_address(key):
+            print(
+                f"tcpmap-query: note: {key} is taken as a key; did you mean -s {key}?",
+                file=sys.stderr,
+            )
+
+
+def _looks_like_address(text: str) -> bool:
+    """Whether TEXT, a key, reads as HOST:PORT or [IPV6]:PORT (a table meant with -s)."""
+    if ":" not in text:
+        return False
+    try:
+        address = Address.parse(text)
+    except ConfigError:
+        return False
+    return address.port > 0 and (":" in address.host or bool(_HOST_NAME.fullmatch(address.host)))
+
+
+_ADDRESS_TYPES = ("tcp", "socketmap", "inet", "metrics")
+
+
+def _address_for_a_file(option: str, text: str) -> str | None:
+    """Why TEXT, given to OPTION (--dump, --info, --db, lmdb:), is an address and not the
+    table file OPTION reads, and what to give instead; None if it may be a file.
+
+    A file that exists is a file, however its name looks.
+    """
+    if Path(text).exists() or table_path(text).exists():
+        return None
+    kind, _, rest = text.partition(":")
+    if kind in _ADDRESS_TYPES and TableName.looks_like(text):
+        what = f"{text} is a server address"
+    elif kind == "metrics":
+        what = f"{text} is a metrics listener's address"
+    else:
+        if kind == "inet":
+            text = rest
+        try:
+            address = Address.parse(text)
+        except ConfigError:
+            return None
+        if ":" not in text:
+            return None  # a bare number is a port to Address.parse, but may be a file name
+        what = f"{'inet:' if kind == 'inet' else ''}{text} is an address"
+        text = f"tcp:{address}"
+    reads = "names" if option == "lmdb:" else "reads"
+    if option == "--dump":
+        fix = (
+            "tcp_table and socketmap have no request that lists keys; run --dump on the "
+            "server's host with its table file"
+        )
+    elif option == "--info":
+        fix = "for what a running server serves, ask its metrics listener: --info metrics:HOST:PORT"
+    else:
+        fix = f"to look keys up through the server, give -s {text}"
+    return f"{option} {reads} an LMDB table file; {what}: {fix}"
+
+
+def _server_info(spec: str, timeout: float) -> int:
+    """--info metrics:HOST:PORT: what a running server serves, from its metrics."""
     try:
         address = Address.parse(spec.removeprefix("metrics:"))
-        tables = served_tables(address)
-    except (ConfigError, OSError, ValueError) as exc:
-        print(f"tcpmap-query: {spec}: {exc}", file=sys.stderr)
+    except ConfigError as exc:
+        print(f"tcpmap-query: --info {exc}", file=sys.stderr)
+        return 2
+    try:
+        tables = served_tables(address, timeout)
+    except ServerFailed as exc:
+        print(f"tcpmap-query: {exc}", file=sys.stderr)
         return 2
     for table in tables:
         print("\n".join(table))
@@ -362,7 +467,7 @@ def _server_info(spec: str) -> int:
 
 @contextlib.contextmanager
 def _lookup_function(
-    name: TableName, fold_keys: FoldKeys
+    name: TableName, fold_keys: FoldKeys, timeout: float
 ) -> Iterator[Callable[[bytes], bytes | None]]:
     if name.type == "lmdb":
         assert name.path is not None
@@ -372,7 +477,7 @@ def _lookup_function(
         finally:
             table.close()
     else:
-        client = connect(name)
+        client = connect(name, timeout)
         try:
             yield client.lookup
         finally:

@@ -6,7 +6,10 @@ Errors are worded as Postfix words them (dict_tcp.c: "connect to TCP map
 
 from __future__ import annotations
 
+import http.client
+import re
 import socket
+import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,12 +100,37 @@ def _connect_inet(address: Address, what: str, timeout: float) -> socket.socket:
         raise ServerFailed(f"connect to {what} {address}: {_reason(exc)}") from None
 
 
-def _reason(exc: OSError) -> str:
+def _reason(exc: OSError, timeout: float | None = None) -> str:
     if isinstance(exc, TimeoutError | socket.timeout):
-        return "timed out"
+        return "timed out" if timeout is None else f"no reply within {timeout:g} s"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the host name: {exc.strerror}"
     return exc.strerror or str(exc)
+
+
+# What each client expected to find at the address, for errors past the connect.
+EXPECTED_TCP_TABLE = "expected a tcp_table server (tcp_table(5))"
+EXPECTED_SOCKETMAP = "expected a socketmap server (socketmap_table(5))"
+
+
+def peer_hint(data: bytes) -> str:
+    """What the first bytes a peer sent suggest it is: "" if nothing, else "; ...".
+
+    For errors against the wrong kind of listener, e.g. a tcp_table client on a
+    metrics listener.
+    """
+    if data.startswith(b"HTTP/"):
+        return "; it answered HTTP: a metrics listener?"
+    if re.match(rb"[0-9]{1,6}:", data):
+        return "; it answered a netstring: a socketmap listener? (-s socketmap:inet:HOST:PORT:NAME)"
+    if re.match(rb"[245][0-9][0-9] ", data):
+        return "; it answered a tcp_table reply: a tcp_table listener? (-s tcp:HOST:PORT)"
+    return ""
+
+
+def shown(data: bytes, limit: int = 60) -> str:
+    """DATA, at most LIMIT bytes of it, as a Python bytes literal (safe on a terminal)."""
+    return repr(data[:limit]) + ("..." if len(data) > limit else "")
 
 
 class TcpTableClient:
@@ -110,6 +138,7 @@ class TcpTableClient:
 
     def __init__(self, address: Address, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.address = address
+        self.timeout = timeout
         self._sock = _connect_inet(address, "TCP map", timeout)
         self._file = self._sock.makefile("rb")
 
@@ -117,28 +146,35 @@ class TcpTableClient:
         """The value for KEY, or None when the server answers 5xx (not found).
 
         Raises LookupFailed with the server's decoded reason for 4xx, and
-        ServerFailed when the connection is lost or the reply malformed.
+        ServerFailed when the connection is lost or the reply malformed; its
+        message names the address and says what was expected there (dict_tcp.c's
+        wording first: "read TCP map reply from ADDRESS: ...").
         """
-        where = f"read TCP map reply from {self.address}"
         try:
             self._sock.sendall(protocol.request(key))
             line = self._file.readline(protocol.MAX_REPLY + 1)
         except OSError as exc:
-            raise ServerFailed(f"{where}: {_reason(exc)}") from None
+            raise self._failed(_reason(exc, self.timeout)) from None
         if not line.endswith(b"\n"):
             if len(line) > protocol.MAX_REPLY:
-                raise ServerFailed(f"{where}: text longer than {protocol.MAX_REPLY}")
-            raise ServerFailed(f"{where}: unexpected EOF")
+                raise self._failed(f"text longer than {protocol.MAX_REPLY}", line)
+            raise self._failed("unexpected EOF" + (f" after {shown(line)}" if line else ""), line)
         try:
             code, text = protocol.parse_reply(line[:-1])
-        except protocol.ProtocolError as exc:
-            raise ServerFailed(f"{where}: {exc}") from None
+        except protocol.ProtocolError:
+            raise self._failed(f"malformed reply {shown(line)}", line) from None
         if code // 100 == 2:
             return text.partition(b"\x00")[0]  # hex_unquote'd C string ends at NUL
         if code // 100 == 5:
             return None
         reason = text.decode("utf-8", "replace")
         raise LookupFailed(f"tcp:{self.address} answered {code}: {reason}")
+
+    def _failed(self, detail: str, data: bytes = b"") -> ServerFailed:
+        return ServerFailed(
+            f"read TCP map reply from {self.address}: {detail}; {EXPECTED_TCP_TABLE}"
+            + peer_hint(data)
+        )
 
     def close(self) -> None:
         self._file.close()
@@ -157,6 +193,7 @@ class SocketmapClient:
     def __init__(self, where: Address | str, name: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.where = f"inet:{where}" if isinstance(where, Address) else f"unix:{where}"
         self.name = name
+        self.timeout = timeout
         if isinstance(where, Address):
             self._sock = _connect_inet(where, "socketmap", timeout)
         else:
@@ -173,33 +210,52 @@ class SocketmapClient:
         """The value for KEY, or None for NOTFOUND; LookupFailed for TEMP, PERM and others."""
         try:
             self._sock.sendall(socketmap.request(self.name, key))
-            status, text = socketmap.parse_reply(self._read_netstring())
+            payload = self._read_netstring()
         except OSError as exc:
-            raise ServerFailed(f"read socketmap reply from {self.where}: {_reason(exc)}") from None
+            raise self._failed(_reason(exc, self.timeout)) from None
+        status, text = socketmap.parse_reply(payload)
         if status == b"OK":
             return text
         if status == b"NOTFOUND":
             return None
+        if status not in (b"TEMP", b"PERM"):  # dict_sockmap.c: "malformed reply"
+            raise self._failed(f"malformed reply {shown(payload)}")
         reason = text.decode("utf-8", "replace")
         status_text = status.decode("ascii", "replace")
         raise LookupFailed(f"socketmap:{self.where} answered {status_text}: {reason}")
 
     def _read_netstring(self) -> bytes:
-        where = f"read socketmap reply from {self.where}"
         digits = b""
         while (byte := self._file.read(1)) != b":":
             if not byte:
-                raise ServerFailed(f"{where}: unexpected EOF")
+                raise self._failed("unexpected EOF" + (f" after {shown(digits)}" if digits else ""))
             digits += byte
             if not digits.isdigit() or len(digits) > 12:
-                raise ServerFailed(f"{where}: bad netstring length {digits!r}")
+                seen = digits + self._ready(60 - len(digits))  # for peer_hint
+                raise self._failed(f"bad netstring length {shown(seen)}", seen)
         length = int(digits) if digits else -1  # the loop let only digits in
         if not 0 <= length <= socketmap.MAX_REPLY:
-            raise ServerFailed(f"{where}: reply length {digits!r} over the limit")
+            raise self._failed(f"reply length {digits!r} over the limit")
         payload = self._file.read(length + 1)
         if len(payload) != length + 1 or not payload.endswith(b","):
-            raise ServerFailed(f"{where}: malformed netstring reply")
+            raise self._failed(f"malformed netstring reply {shown(digits + b':' + payload)}")
         return payload[:-1]
+
+    def _ready(self, limit: int) -> bytes:
+        """Up to LIMIT bytes the peer has sent and we have not read, without waiting."""
+        self._sock.setblocking(False)
+        try:
+            return self._file.peek(limit)[:limit]
+        except OSError:
+            return b""
+        finally:
+            self._sock.settimeout(self.timeout)
+
+    def _failed(self, detail: str, data: bytes = b"") -> ServerFailed:
+        return ServerFailed(
+            f"read socketmap reply from {self.where}: {detail}; {EXPECTED_SOCKETMAP}"
+            + peer_hint(data)
+        )
 
     def close(self) -> None:
         self._file.close()
@@ -229,3 +285,42 @@ def connect(spec: str | TableName, timeout: float = DEFAULT_TIMEOUT) -> Client:
         assert name.address is not None
         return TcpTableClient(name.address, timeout)
     raise ValueError(f"{name}: not a server table; look it up with --db {Path(str(name.path))}")
+
+
+CRLF = b"\r\n"
+EXPECTED_METRICS = "expected a tcpmap-server metrics listener (--listen metrics:HOST:PORT)"
+
+
+def served_tables(address: Address, timeout: float = DEFAULT_TIMEOUT) -> list[list[str]]:
+    """--info metrics:HOST:PORT: per map, the NAME: VALUE lines of metrics.served_tables.
+
+    Raises ServerFailed naming metrics:ADDRESS, what went wrong and what was
+    expected there, for every way the peer can fail: refused, reset, timed
+    out, not HTTP, an HTTP error, or a body that is not a tcpmap-server's metrics.
+    """
+    from . import metrics  # noqa: PLC0415 - prometheus_client only here
+
+    where = f"metrics:{address}"
+    try:
+        return metrics.served_tables(address, timeout)
+    except urllib.error.HTTPError as exc:  # before URLError, its base
+        detail, data = f"GET /metrics answered HTTP {exc.code} {exc.reason}", b""
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        detail = _reason(reason, timeout) if isinstance(reason, OSError) else str(reason)
+        data = b""
+    except http.client.BadStatusLine as exc:  # RemoteDisconnected included
+        raw = getattr(exc, "line", "")  # http.client sets it; typeshed does not say so
+        line = raw.encode("latin-1", "replace") if isinstance(raw, str) else b""
+        if isinstance(exc, http.client.RemoteDisconnected) or not line:
+            detail = "closed the connection without an HTTP reply"
+        else:
+            detail = f"no HTTP reply: got {shown(line.rstrip(CRLF))}"
+        data = line
+    except (http.client.HTTPException, OSError) as exc:
+        broken = f"a broken HTTP reply ({type(exc).__name__})"
+        detail = _reason(exc, timeout) if isinstance(exc, OSError) else broken
+        data = b""
+    except ValueError as exc:  # not the text format, not UTF-8, or not ours
+        detail, data = f"not a tcpmap-server's metrics ({exc})", b""
+    raise ServerFailed(f"{where}: {detail}; {EXPECTED_METRICS}{peer_hint(data)}")

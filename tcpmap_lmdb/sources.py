@@ -9,11 +9,13 @@ RFC 822 tokenizer (tok822_scan, tok822_internalize, tok822_externalize).
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Callable, Container, Iterable, Iterator
 from functools import partial
 from itertools import chain
 from typing import Literal, NamedTuple
 
+from tcpmap_lmdb.dbformat import _BERKELEY_DB, _LMDB_MAGIC
 from tcpmap_lmdb.postfix import AliasNames
 
 Syntax = Literal["postmap", "aliases"]
@@ -325,3 +327,96 @@ def _entries(
 
 def _excerpt(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --- inputs that are no source at all ------------------------------------------
+
+# How many of a source's first bytes not_a_source() needs to see.
+HEAD_BYTES = 4096
+# Compressed files, by their magic numbers: gzip (RFC 1952), xz (its file format
+# spec, 2.1.1.1), bzip2 ("BZh" and a block size digit), zstd (RFC 8878, 3.1.1).
+_COMPRESSED = (
+    (b"\x1f\x8b", "gzip", "zcat"),
+    (b"\xfd7zXZ\x00", "xz", "xzcat"),
+    (b"BZh", "bzip2", "bzcat"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "zstdcat"),
+)
+
+
+class NotASource(NamedTuple):
+    """What a file is instead of a source, and how to get one from it."""
+
+    what: str  # "an LMDB table", ...
+    fix: str  # what to give instead
+
+
+def not_a_source(head: bytes, name: str) -> NotASource | None:
+    """What the file NAME, whose first bytes are HEAD (HEAD_BYTES of them, or all it
+    has), is if it is obviously no table source: a table (LMDB, Berkeley DB, cdb),
+    compressed data, UTF-16 text, or binary data (a NUL byte in its first line); None
+    if it may be text. A NUL further down is left to the parser: a text source with a stray NUL
+    gets its FILE:LINE error ("NUL byte in input").
+    """
+    return _table_file(head, name) or _not_text(head, name)
+
+
+def _table_file(head: bytes, name: str) -> NotASource | None:
+    """A table that Postfix or tcpmap-build wrote, by its magic number or layout."""
+    # LMDB and Berkeley DB: the magic numbers dbformat.not_a_table reads.
+    built_from = "give the text file it was built from"
+    if head[16:20] == _LMDB_MAGIC:
+        return NotASource(
+            "an LMDB table", f"{built_from} (tcpmap-query --dump {name} prints its records)"
+        )
+    kind = _BERKELEY_DB.get(head[12:16])
+    if kind is not None:
+        table = name.removesuffix(".db")
+        return NotASource(
+            f"a Berkeley DB {kind} file (Postfix's {kind}: table)",
+            f"{built_from} (postmap -s {kind}:{table} prints its records)",
+        )
+    if _is_cdb(head):
+        table = name.removesuffix(".cdb")
+        return NotASource(
+            "a cdb table (Postfix's cdb: type)",
+            f"{built_from} (postmap -s cdb:{table} prints its records)",
+        )
+    return None
+
+
+def _not_text(head: bytes, name: str) -> NotASource | None:
+    """Compressed data, UTF-16 text, or binary data (a NUL in the first line)."""
+    for magic, compression, cat in _COMPRESSED:
+        if head.startswith(magic):
+            return NotASource(
+                f"{compression}-compressed data",
+                f"decompress it first, e.g. {cat} {name} | tcpmap-build -o OUTPUT -",
+            )
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 byte order mark
+        return NotASource(
+            "UTF-16 text", f"convert it to UTF-8 first, e.g. iconv -f UTF-16 -t UTF-8 {name}"
+        )
+    first_line = head.split(b"\n", 1)[0]
+    nul = first_line.find(b"\x00")
+    if nul >= 0:
+        return NotASource(
+            f"binary data (a NUL byte in its first line, at offset {nul})",
+            "give the table's text source file",
+        )
+    return None
+
+
+def _is_cdb(head: bytes) -> bool:
+    """Whether HEAD starts a cdb file (cr.yp.to/cdb/cdb.txt, as tinycdb writes it).
+
+    cdb has no magic number. Its 2048-byte header holds 256 (position, slots)
+    pairs, little-endian 32-bit, pointing at hash tables written one after the
+    other past the records: table i+1 starts 8 bytes a slot after table i.
+    """
+    if len(head) < 2048:
+        return False
+    pairs = struct.unpack("<512I", head[:2048])
+    positions, slots = pairs[0::2], pairs[1::2]
+    return positions[0] >= 2048 and all(
+        positions[i + 1] == positions[i] + 8 * slots[i] for i in range(255)
+    )
