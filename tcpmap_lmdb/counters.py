@@ -23,6 +23,8 @@ _T = TypeVar("_T")
 # as much as all of a lookup's accounting should. 2**-18 s = 3.8 us ... 2**0 = 1 s.
 LOW_EXPONENT, HIGH_EXPONENT = -18, 0
 BUCKETS = tuple(2.0**e for e in range(LOW_EXPONENT, HIGH_EXPONENT + 1))  # upper bounds, seconds
+# One read in this many is timed for the latency histogram (a power of two).
+LATENCY_SAMPLE = 8
 LATENCY_OFFSET = 1100  # frexp exponents of positive doubles are -1073 ... 1024
 # Connection close reasons (tcpmap_connections_closed_total{reason}).
 CLOSE_REASONS = ("client", "idle", "limit", "error", "shutdown")

@@ -37,7 +37,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from .config import Address
-from .counters import CheckStats, Latency, ServerStats
+from .counters import LATENCY_SAMPLE, CheckStats, Latency, ServerStats
 from .listeners import format_address
 from .logtext import printable
 from .responder import Responder, SocketmapResponder
@@ -123,8 +123,8 @@ class TcpmapCollector(Collector):
         yield lookups
         histogram = HistogramMetricFamily(
             "tcpmap_lookup_duration_seconds",
-            "From a request read to its reply sent, inside the server (per read: requests "
-            "pipelined in one read share its time).",
+            f"From a request read to its reply sent, inside the server; a sample: one read in "
+            f"{LATENCY_SAMPLE} is timed (requests pipelined in one read share its time).",
             labels=(),
         )
         buckets = [

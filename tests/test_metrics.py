@@ -25,6 +25,8 @@ from conftest import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from tcpmap_lmdb.counters import LATENCY_SAMPLE
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -60,7 +62,8 @@ def metered(server: StartServer, db: Path) -> tuple[ServerProcess, int]:
 def test_lookups_counted_by_map_protocol_and_result(
     server: StartServer, db: Path, tmp_path: Path
 ) -> None:
-    """Each lookup is counted once, by map, protocol and result; the histogram counts all."""
+    """Each lookup is counted once, by map, protocol and result; the histogram counts the
+    sampled reads."""
     sock = tmp_path / "sm.sock"
     srv = server(
         db,
@@ -93,9 +96,33 @@ def test_lookups_counted_by_map_protocol_and_result(
     assert lookups("virtual", "socketmap", "found") == 1
     assert lookups("virtual", "socketmap", "notfound") == 1
     assert lookups("", "socketmap", "permanent") == 1
-    assert got[("tcpmap_lookup_duration_seconds_count", ())] == 7
-    assert got[("tcpmap_lookup_duration_seconds_bucket", (("le", "+Inf"),))] == 7
-    assert 0 < got[("tcpmap_lookup_duration_seconds_sum", ())] < 7
+    # Seven reads, one lookup each: the first read in every LATENCY_SAMPLE is timed.
+    timed = -(-7 // LATENCY_SAMPLE)
+    assert got[("tcpmap_lookup_duration_seconds_count", ())] == timed
+    assert got[("tcpmap_lookup_duration_seconds_bucket", (("le", "+Inf"),))] == timed
+    assert 0 < got[("tcpmap_lookup_duration_seconds_sum", ())] < timed
+
+
+def test_the_latency_histogram_times_one_read_in_the_sample(
+    metered: tuple[ServerProcess, int],
+) -> None:
+    """LATENCY_SAMPLE x 3 reads of one lookup each, on two connections: 3 are timed."""
+    srv, port = metered
+    with srv.connect() as first, srv.connect() as second:
+        for index in range(LATENCY_SAMPLE * 3):
+            conn = first if index % 2 else second
+            assert conn.ask("alice@example.com")[0] == 200
+    got = scrape(port)
+    assert got[("tcpmap_lookup_duration_seconds_count", ())] == 3
+    assert (
+        got[
+            (
+                "tcpmap_lookups_total",
+                (("map", "virtual"), ("protocol", "tcp_table"), ("result", "found")),
+            )
+        ]
+        == LATENCY_SAMPLE * 3
+    )
 
 
 def test_table_metrics(metered: tuple[ServerProcess, int], db: Path) -> None:

@@ -44,6 +44,7 @@ SATURATED_FROM, SATURATED_CPU = 16, 0.9
 ACTIVATE_READY = re.compile(r"Listening on 127\.0\.0\.1:(\d+)")
 POSTFIX_MAIN_CF = "compatibility_level = 3.6\n"
 SOCKETMAP = "tcpmap-socketmap"  # tcpmap-server answering socketmap_table(5), same table
+METERED = report.METERED  # tcpmap-server with a metrics listener (it times lookups), same table
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -143,6 +144,8 @@ class Bench:
             servers["twisted"] = (self.twisted(self.small, cpu=cpu), self.small)
             servers["trivial"] = (self.trivial_server(cpu=cpu), self.small)
             servers[SOCKETMAP] = (self.tcpmap_socketmap(self.small, cpu=cpu), self.small)
+            metered = self.tcpmap(self.small, "--listen", "metrics:127.0.0.1:0", cpu=cpu)
+            servers[METERED] = (metered, self.small)
         if "scale" in self.args.only:
             if "tcpmap" not in servers:
                 servers["tcpmap"] = (self.tcpmap(self.small, cpu=cpu), self.small)
@@ -171,7 +174,7 @@ class Bench:
                 server.stop()
 
     def wanted(self, name: str, conns: int) -> bool:
-        if name in ("tcpmap-10M", SOCKETMAP):
+        if name in ("tcpmap-10M", SOCKETMAP, METERED):
             return conns in report.SCALE_CONNECTIONS
         if "lookups" in self.args.only:
             return True

@@ -113,7 +113,10 @@ def _micro(data: DataSet, lookups: int = 100_000, rounds: int = 11) -> None:
     from tcpmap_lmdb.maps import Maps  # noqa: PLC0415
     from tcpmap_lmdb.server import Server, _IdleWatch  # noqa: PLC0415
 
-    class Sink:  # _Wire's send, for _send_all
+    class Sink:  # _Wire's socket (sock.send), for _send_all
+        def __init__(self) -> None:
+            self.sock = self
+
         def send(self, reply: bytes) -> int:
             return len(reply)
 

@@ -23,6 +23,8 @@ COLD_TARGET_MS = 150.0
 SCALE_TARGET = 0.90  # 10M-key lookups/s at least 90% of the 1M-key figure
 BUILD_TARGETS = {"shuffled": 1.5, "sorted": 2.0}  # issue 17: records/s over postmap's
 BUILD_RSS_TARGET_MIB = 256
+METERED = "tcpmap-metrics"  # tcpmap-server with --listen metrics:...: it times lookups
+METRICS_TARGET = 0.97  # issue 13: metrics cost at most 3% of lookups/s
 HEADROOM_TARGET = 3.0  # the load generator drives the trivial responder this far past us
 LABELS = {"tcpmap": "tcpmap-server", "twisted": "Twisted", "trivial": "trivial (C)"}
 Memory = tuple[dict[str, int], dict[str, int]]  # (idle server, with the connections)
@@ -75,6 +77,7 @@ class Results:
         rows += self._headroom_rows()
         rows += self._scale_rows()
         rows += self._socketmap_rows()
+        rows += self._metrics_rows()
         rows += self._build_rows()
         rows += self._memory_rows()
         rows += self._snapshot_rows()
@@ -174,6 +177,25 @@ class Results:
                     _k(sockmap) + latency,
                     _k(tcp),
                     ratio=_ratio(sockmap, tcp),
+                )
+            )
+        return rows
+
+    def _metrics_rows(self) -> list[Row]:
+        """The same server and table with a metrics listener, against without."""
+        rows = []
+        for conns in SCALE_CONNECTIONS:
+            metered, plain = (self.median(n, conns, "rate") for n in (METERED, "tcpmap"))
+            if metered is None or not plain:
+                continue
+            rows.append(
+                Row(
+                    f"lookups/s with metrics on (peer: off), {conns} connections",
+                    _k(metered),
+                    _k(plain),
+                    ratio=_ratio(metered, plain),
+                    target=f">= {METRICS_TARGET:.2f}x",
+                    holds=metered / plain >= METRICS_TARGET,
                 )
             )
         return rows
