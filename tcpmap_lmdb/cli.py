@@ -248,7 +248,7 @@ def query_parser() -> argparse.ArgumentParser:
     _fold_option(parser)
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds(zero=False),
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help="give up on a server that has not answered in this time (default %(default)g, "

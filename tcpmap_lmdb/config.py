@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +32,18 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which and why."""
 
 
+MAX_SECONDS = 1e9  # about 31 years: beyond it, socket and timer deadlines overflow
+
+
 def seconds_problem(value: float, *, zero: bool) -> str | None:
     """Why VALUE cannot be a timeout in seconds (None if it can).
 
-    NaN and infinities never can; 0 only where ZERO says it means something.
+    NaN and infinities never can, nor more than MAX_SECONDS (Python's socket
+    timeouts overflow past about 9.2e9 s); 0 only where ZERO says it means something.
     """
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        return "must be a finite number of seconds, " + ("0 or more" if zero else "above 0")
+    if not 0 <= value <= MAX_SECONDS or (value == 0 and not zero):  # NaN fails both
+        low = "0 or more" if zero else "above 0"
+        return f"must be a number of seconds, {low}, at most {MAX_SECONDS:.0e}"
     return None
 
 

@@ -396,9 +396,17 @@ class _ScrapeHandler(WSGIHandler):  # type: ignore[misc,unused-ignore]
         return result
 
     def read_request(self, raw_requestline: str) -> Any:
-        """pywsgi's: the request line and headers are in; the connection is busy now."""
+        """pywsgi's: the request line and headers are in; the connection is busy now.
+
+        Raises ValueError (pywsgi answers 400 through _handle_client_error) for a
+        request that announces a body: /metrics takes none, and pywsgi would keep
+        the slot waiting for the body after the reply, up to REQUEST_TIMEOUT.
+        """
         result = super().read_request(raw_requestline)
         self.server.slots.waiting.pop(gevent.getcurrent(), None)
+        if result and (self.content_length or self.headers.get("Transfer-Encoding")):
+            self.close_connection = True
+            raise ValueError("a request with a body: this listener answers GET /metrics only")
         return result
 
     def _timed_out(self) -> None:

@@ -347,3 +347,13 @@ def test_no_note_when_a_server_is_given_or_no_key_looks_like_one(
     addr = f"127.0.0.1:{listeners['tcp_table']}"
     result = query("--timeout", "5", *(arg.format(addr=addr) for arg in args))
     assert "note:" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "1e400", "soon", "1e308"])
+def test_a_timeout_that_is_no_time_is_refused(value: str) -> None:
+    """--timeout takes a number of seconds above 0 and at most 1e9, as tcpmap-server's do;
+    anything else is one usage line naming the option and the value, never a traceback."""
+    done = query("-s", f"tcp:127.0.0.1:{free_port()}", "--timeout", value, "key")
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stderr
+    assert "--timeout" in done.stderr and value in done.stderr, done.stderr

@@ -104,3 +104,34 @@ def test_garbage_requests_give_few_clear_warnings(metered: tuple[ServerProcess, 
         assert "gevent" not in line and "socket object" not in line, line
         assert "\x1b" not in line and "\r" not in line, repr(line)
     assert scrape(port)[("tcpmap_warnings_suppressed_total", ())] == 50 - ratelimit.BURST
+
+
+def test_requests_announcing_a_body_never_hold_a_slot(
+    metered: tuple[ServerProcess, int],
+) -> None:
+    """Every slot taken by a whole request head that announces a body never sent (GET or
+    POST, Content-Length or chunked): each is refused at once, 400 and closed, instead of
+    holding its slot while the body is awaited; a scrape is answered at once."""
+    srv, port = metered
+    heads = [
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ]
+    hostile = []
+    try:
+        for n in range(metrics.SCRAPERS):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(heads[n % len(heads)])
+            hostile.append(sock)
+        for sock in hostile:
+            sock.settimeout(2.0)  # well within REQUEST_TIMEOUT: no waiting for the body
+            assert sock.recv(4096).startswith(b"HTTP/1.1 400 ")
+        started = time.monotonic()
+        got = scrape(port, timeout=metrics.REQUEST_TIMEOUT + 10)
+        assert ("tcpmap_connections_open", ()) in got
+        assert time.monotonic() - started < 2.0
+    finally:
+        for sock in hostile:
+            sock.close()
+    assert not [line for line in srv.logs if "Traceback" in line]
