@@ -47,3 +47,20 @@ def test_a_new_window_gives_a_new_budget_after_the_summary() -> None:
     clock.now += 11.0
     assert limiter.expired() == []
     assert limiter._budgets == {}
+
+
+def test_many_clients_together_get_a_bounded_share() -> None:
+    """A local user can pick any of 127/8 as its address: 200 clients of 10 warnings each
+    get at most TOTAL lines in the window, and the summaries name BURST clients and one
+    line for the rest, so the journal sees at most TOTAL + BURST + 1 lines per window."""
+    clock = Clock()
+    limiter = WarningLimiter(burst=5, window=10.0, total=50, clock=clock)
+    clients = [f"127.1.0.{n}" for n in range(200)]
+    shown = sum(limiter.allow(client) for _ in range(10) for client in clients)
+    assert shown == 50
+    clock.now += 10.0
+    summaries = limiter.expired()
+    assert len(summaries) == 5 + 1
+    assert summaries[-1] == ("195 other clients", 2000 - 50 - sum(n for _, n in summaries[:5]))
+    assert sum(n for _, n in summaries) == limiter.suppressed == 2000 - 50
+    assert limiter.allow("127.1.0.1")  # a new window: a new share
