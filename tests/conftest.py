@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Protocol, Self
+from typing import IO, Any, Literal, Protocol, Self, overload
 
 import lmdb
 import pytest
@@ -284,12 +284,56 @@ class SocketmapConn(RawConn):
 
 # Runs the real CLI entry point (what .venv/bin/tcpmap-server runs) under the
 # interpreter running the tests.
-_LAUNCHER = "from tcpmap_lmdb.cli import server_main; raise SystemExit(server_main())"
+_ENTRY_POINTS = {
+    "tcpmap-server": "server_main",
+    "tcpmap-build": "build_main",
+    "tcpmap-query": "query_main",
+}
+
+
+def command(program: str, *args: str | Path) -> list[str]:
+    """The argv that runs PROGRAM (tcpmap-server, tcpmap-build, tcpmap-query) with ARGS in
+    a fresh interpreter, as the installed command would."""
+    main = _ENTRY_POINTS[program]
+    launcher = f"from tcpmap_lmdb.cli import {main}; raise SystemExit({main}())"
+    return [sys.executable, "-c", launcher, *map(str, args)]
 
 
 def server_command(*args: str | Path) -> list[str]:
     """The argv that runs tcpmap-server with ARGS in a fresh interpreter."""
-    return [sys.executable, "-c", _LAUNCHER, *map(str, args)]
+    return command("tcpmap-server", *args)
+
+
+@overload
+def run_command(
+    program: str,
+    *args: str | Path,
+    stdin: bytes | None = None,
+    timeout: float = 60,
+    text: Literal[False] = False,
+) -> subprocess.CompletedProcess[bytes]: ...
+@overload
+def run_command(
+    program: str, *args: str | Path, timeout: float = 60, text: Literal[True]
+) -> subprocess.CompletedProcess[str]: ...
+def run_command(
+    program: str,
+    *args: str | Path,
+    stdin: bytes | None = None,
+    timeout: float = 60,
+    text: bool = False,
+) -> subprocess.CompletedProcess[Any]:
+    """PROGRAM ARGS as a user runs it (command()), to its end: output captured, the
+    exit status left to the caller; TEXT: output as str."""
+    return subprocess.run(
+        command(program, *args),
+        input=stdin,
+        capture_output=True,
+        text=text,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
 
 
 class LoggedProcess:

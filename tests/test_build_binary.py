@@ -18,24 +18,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import run_command
 from postfix_tools import postfix_config_dir, run_postfix
 
 from tcpmap_lmdb import build
 
 SOURCE = b"alice@example.com alice@example.net\nbob@example.com bob@example.net\n"
-BUILD = "import sys; from tcpmap_lmdb.cli import build_main as m; sys.exit(m())"
 
 
 def tcpmap_build(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-c", BUILD, *args],
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-    )
+    return run_command("tcpmap-build", *args, stdin=stdin)
 
 
 def ours(tmp: Path) -> Path:

@@ -12,36 +12,21 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ServerProcess
+from activation import free_port
+from conftest import ROOT, ServerProcess, command, run_command
 
 from tcpmap_lmdb import build
-
-QUERY = "import sys; from tcpmap_lmdb.cli import query_main as m; sys.exit(m())"
 
 
 def query(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """tcpmap-query ARGS in a fresh interpreter, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-c", QUERY, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=ROOT,
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return run_command("tcpmap-query", *args, timeout=timeout, text=True)
 
 
 class Peer:
@@ -250,7 +235,7 @@ def test_interrupted_query_exits_quietly() -> None:
     server = Peer(silent)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", QUERY, "-s", f"tcp:127.0.0.1:{server.port}", "k"],
+            command("tcpmap-query", "-s", f"tcp:127.0.0.1:{server.port}", "k"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -275,7 +260,7 @@ def test_output_closed_early_is_no_error(tmp_path: Path) -> None:
     source.write_bytes(b"".join(b"key%06d@example.com value%06d\n" % (i, i) for i in range(20_000)))
     assert build.main(["-q", str(source)]) == 0
     proc = subprocess.Popen(
-        [sys.executable, "-c", QUERY, "--dump", str(source)],
+        command("tcpmap-query", "--dump", str(source)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=ROOT,

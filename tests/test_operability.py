@@ -15,8 +15,10 @@ from pathlib import Path
 
 import lmdb
 import pytest
+from activation import free_port
 from conftest import ROOT, MakeTable, ServerProcess, StartServer, raw_items, server_command
 from conftest import make_table as make_table_module
+from conftest import run_command as run
 from postfix_tools import run_postfix
 
 from tcpmap_lmdb import build, dbformat, sources
@@ -26,28 +28,6 @@ from tcpmap_lmdb.config import Binding, ConfigError, ListenSpec
 from tcpmap_lmdb.table import Table, TableError
 
 SOURCE = b"alice@example.com alice@example.net\nbob@example.com bob@example.net\n"
-
-
-def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    """One of our commands, as a user runs it: a fresh interpreter, output captured."""
-    entry = {"tcpmap-build": "build_main", "tcpmap-query": "query_main"}
-    program, *rest = args
-    code = f"import sys; from tcpmap_lmdb.cli import {entry[program]} as m; sys.exit(m())"
-    return subprocess.run(
-        [sys.executable, "-c", code, *rest],
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-    )
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
