@@ -22,19 +22,35 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import statistics
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from activation import tcp_listener
+from activation import Activated, tcp_listener
 from conftest import MakeTable
 from postfix_mta import DOMAIN, HOSTNAME, SENDER, Options, PostfixMTA
 from test_handoff import TIMEOUT, FakeManager, start
 
 BURST = 60
 SESSIONS = 50
+
+
+def restart(
+    server: Activated, db: Path, manager: FakeManager, listener: socket.socket, store: bool
+) -> tuple[Activated, int]:
+    """What `systemctl restart` does: SIGTERM, then a new server with the connections the
+    old one handed over (STORE), or with none (every connection closed, as before issue 15).
+    The new server, and how many connections the old one handed over."""
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(TIMEOUT) == 0
+    connected = len(manager.names())
+    stored = manager.take_store() if store else []
+    if not store:
+        manager.close_store()
+    return start(db, manager, listener, stored), connected
 
 
 @pytest.mark.parametrize("store", [False, True], ids=["no-store", "store"])
@@ -57,13 +73,7 @@ def test_restart_cost(tmp_path: Path, make_table: MakeTable, store: bool) -> Non
     try:
         for message_id in burst():
             mta.wait_delivered("alice", message_id, timeout=120)
-        server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(TIMEOUT) == 0
-        connected = len(manager.names())
-        stored = manager.take_store() if store else []
-        if not store:
-            manager.close_store()  # a restart without the store: every connection closes
-        server = start(db, manager, listener, stored)
+        server, connected = restart(server, db, manager, listener, store)
         started = time.monotonic()
         for message_id in burst():
             mta.wait_delivered("alice", message_id, timeout=120)
@@ -119,13 +129,7 @@ def test_restart_cost_smtpd(tmp_path: Path, make_table: MakeTable, store: bool) 
             smtp.ehlo()
             sessions.append(smtp)
         in_parallel(sessions)  # every smtpd now holds a connection to the map
-        server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(TIMEOUT) == 0
-        connected = len(manager.names())
-        stored = manager.take_store() if store else []
-        if not store:
-            manager.close_store()  # a restart without the store: every connection closes
-        server = start(db, manager, listener, stored)
+        server, connected = restart(server, db, manager, listener, store)
         started = time.monotonic()
         times = in_parallel(sessions)
         took = time.monotonic() - started
