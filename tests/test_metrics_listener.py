@@ -135,3 +135,20 @@ def test_requests_announcing_a_body_never_hold_a_slot(
         for sock in hostile:
             sock.close()
     assert not [line for line in srv.logs if "Traceback" in line]
+
+
+def test_pipelined_scrapes_do_not_stop_lookups(metered: tuple[ServerProcess, int]) -> None:
+    """One client writes 2,000 GET /metrics at once and reads the replies: pywsgi answers
+    requests already buffered without a switch, so each must yield, or no lookup is answered
+    until all are done (1.4 s here before). A lookup meanwhile is answered within 0.25 s."""
+    srv, port = metered
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as hog, srv.connect() as conn:
+        hog.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+        assert hog.recv(65536).startswith(b"HTTP/1.1 200 ")  # the scrapes are under way
+        slowest = 0.0
+        for _ in range(20):
+            started = time.monotonic()
+            assert conn.ask("alice@example.com")[0] == 200
+            slowest = max(slowest, time.monotonic() - started)
+            hog.recv(1 << 20)
+    assert slowest < 0.25, f"a lookup waited {slowest:.2f} s"
