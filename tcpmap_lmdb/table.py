@@ -269,12 +269,12 @@ class LiveTable:
         except (SnapshotRetry, OSError) as exc:
             self._postpone(current, str(exc))
             return
-        except TableError as exc:
+        except TableError as trouble:  # not exc: mypyc gives a name one type per function
             # The file is bad: it is retried once it changes.
             self._seen = current
             self._retry_at = None
             self._backoff = RETRY_FIRST
-            self._drop(str(exc))
+            self._drop(str(trouble))
             return
         finally:
             self._refreshing = False
