@@ -142,7 +142,8 @@ class Table:
 
 def _read_info(env: Any) -> BuildInfo | None:
     with env.begin() as txn:
-        raw = next(filter(None, map(txn.get, META_KEYS)), None)  # this version's, or 0.1's
+        # This version's record, or 0.1's; typed for Debian 12's mypyc, which infers None.
+        raw: bytes | None = next(filter(None, map(txn.get, META_KEYS)), None)
     if raw is None:
         return None
     try:
