@@ -15,6 +15,7 @@ because of the compiled form.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ def compiled_modules() -> list[Any]:
         files = [f"tcpmap_lmdb/{name}.py" for name in HOT_PATH]
         # One group with a name, not a hash: the C runtime the modules share is
         # the extension tcpmap_lmdb.hot__mypyc, inside the package.
+        shutil.rmtree("build/mypyc", ignore_errors=True)  # C another mypyc generated
         extensions = mypycify(
             files, opt_level="3", separate=[(files, "tcpmap_lmdb.hot")], target_dir="build/mypyc"
         )
@@ -67,6 +69,8 @@ class OptionalBuildExt(build_ext):
         # be shipped by this one (a fallback, or another list of modules).
         for stale in Path(self.build_lib).glob("**/*.so"):
             stale.unlink()
+        # And its objects: another interpreter or mypyc may have built them.
+        shutil.rmtree(self.build_temp, ignore_errors=True)
         if not self.extensions:
             return
         try:
