@@ -2,10 +2,14 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The same package installed with its hot path compiled by mypyc (setup.py), not editable.
+COMPILED := .venv-compiled
+CBIN := $(COMPILED)/bin
 EXAMPLE := examples/virtual
 EXAMPLE_DB := build/virtual.lmdb
 
-.PHONY: venv run test check test-debian-stack test-trixie-stack fuzz system-deps clean deb bench
+.PHONY: venv compiled run test check test-compiled test-debian-stack test-trixie-stack fuzz \
+	system-deps clean deb bench
 
 venv: $(VENV)/.installed
 
@@ -20,6 +24,20 @@ $(VENV)/.run-installed: pyproject.toml scripts/system-deps.sh
 # Linters and test tools too (the dev extra), for make check, test, fuzz, bench.
 $(VENV)/.installed: $(VENV)/.run-installed
 	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+compiled: $(COMPILED)/.installed
+
+# Rebuilt whenever a module changes: the install is a copy, not the source tree.
+# First the dependencies (and a pure build), then the compiled build over it:
+# mypyc must be importable at build time, hence --no-build-isolation.
+$(COMPILED)/.installed: pyproject.toml setup.py scripts/system-deps.sh $(wildcard tcpmap_lmdb/*.py)
+	sh scripts/system-deps.sh venv
+	$(PYTHON) -m venv $(COMPILED)
+	$(CBIN)/pip install -q --upgrade pip 'setuptools>=70'
+	$(CBIN)/pip install -q '.[dev]'
+	TCPMAP_MYPYC=1 $(CBIN)/pip install -q --no-build-isolation --no-deps --force-reinstall .
+	$(CBIN)/python -P -m tcpmap_lmdb.compiled --require
 	touch $@
 
 run: $(VENV)/.run-installed
@@ -37,12 +55,21 @@ test: venv
 	sh scripts/system-deps.sh test
 	$(MAKE) check
 	$(BIN)/pytest
+	$(MAKE) test-compiled
 	$(MAKE) test-debian-stack
 	$(MAKE) test-trixie-stack
 
-# The suite again on Debian 12's python3-gevent, python3-lmdb, python3-systemd.
+# The suite again against the compiled install. PYTHONSAFEPATH: neither pytest
+# nor the servers the tests start (python -c/-m, from the checkout) may put the
+# source tree on sys.path; TCPMAP_EXPECT_COMPILED makes conftest.py check that.
+# The package's system test runs once, in the main suite.
+test-compiled: compiled
+	PYTHONSAFEPATH=1 TCPMAP_EXPECT_COMPILED=1 $(CBIN)/pytest --ignore=tests/test_system_deb.py
+
+# The suite again on Debian 12's python3-gevent, python3-lmdb, python3-systemd,
+# with the hot path compiled by Debian's mypyc, as the .deb ships it.
 test-debian-stack:
-	sh scripts/test-debian-stack.sh
+	TCPMAP_MYPYC=1 sh scripts/test-debian-stack.sh
 
 # The suite again on Debian 13's own stack and Postfix 3.10, in a debootstrapped
 # trixie tree (systemd-nspawn; root).
@@ -59,9 +86,9 @@ deb:
 	sh scripts/build-deb.sh
 
 # About 4 minutes (plus about 2 the first time, for the 10M-key table): tests/bench/
-bench: venv
+bench: venv compiled
 	sh scripts/system-deps.sh test
 	$(BIN)/python -m tests.bench
 
 clean:
-	rm -rf $(VENV) .venv-debian .venv-bench build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(COMPILED) .venv-debian .venv-bench build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis

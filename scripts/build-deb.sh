@@ -32,7 +32,7 @@ rm -rf "$stage"
 mkdir -p "$tree"
 # shellcheck disable=SC2016 # the inner script's "$f" is for the inner sh
 git ls-files -z --cached --others --exclude-standard -- \
-        pyproject.toml README.md tcpmap_lmdb systemd examples packaging/man |
+        pyproject.toml setup.py README.md tcpmap_lmdb systemd examples packaging/man |
     xargs -0 sh -c 'for f; do if [ -e "$f" ]; then printf "%s\0" "$f"; fi; done' existing |
     tar --null -T - -cf - | tar -xf - -C "$tree"
 cp -a packaging/debian "$tree/debian"

@@ -12,7 +12,7 @@ venv_pkgs="python3-venv python3-dev gcc pkg-config libsystemd-dev"
 deb_pkgs="debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian"
 system_pkgs="debootstrap systemd-container"
 test_pkgs="$venv_pkgs $system_pkgs postfix postfix-lmdb time"
-debian_stack_pkgs="python3-venv python3-gevent python3-lmdb python3-systemd python3-prometheus-client"
+debian_stack_pkgs="python3-venv python3-gevent python3-lmdb python3-systemd python3-prometheus-client python3-mypy python3-wheel"
 
 case "${1:-}" in
     venv) wanted=$venv_pkgs ;;

@@ -56,9 +56,9 @@ class Responder:
             key = request.key
         try:
             value = self._lookup(key)
-        except TableError as exc:
+        except TableError as trouble:  # not exc: mypyc gives a name one type per function
             self.temporary += 1
-            return protocol.temporary(str(exc))
+            return protocol.temporary(str(trouble))
         except Exception:
             # An internal fault must defer the mail (400), never bounce it (500).
             log.exception("lookup of %s failed", printable(key))
@@ -122,9 +122,9 @@ class SocketmapResponder:
         except UnknownMap:
             self.permanent += 1
             return socketmap.permanent(f"unknown map {name!r}")
-        except TableError as exc:
+        except TableError as trouble:  # not exc, as in Responder.answer
             self._count(self.temporary, name)
-            return socketmap.temporary(str(exc))
+            return socketmap.temporary(str(trouble))
         except Exception:
             log.exception(
                 "socketmap lookup of %s in %s failed", printable(request.key), printable(name)

@@ -199,7 +199,8 @@ _FOLDINGS: dict[Folding, str] = {
 
 def _read_info(env: Any) -> BuildInfo | None:
     with env.begin() as txn:
-        raw = next(filter(None, map(txn.get, META_KEYS)), None)  # this version's, or 0.1's
+        # This version's record, or 0.1's; typed for Debian 12's mypyc, which infers None.
+        raw: bytes | None = next(filter(None, map(txn.get, META_KEYS)), None)
     if raw is None:
         return None
     try:
@@ -335,13 +336,13 @@ class LiveTable:
             self._lock_released()
             self._postpone(current, str(exc))
             return
-        except TableError as exc:
+        except TableError as trouble:  # not exc: mypyc gives a name one type per function
             # The file is bad: it is retried once it changes.
             self._lock_released()
             self._seen = current
             self._retry_at = None
             self._backoff = RETRY_FIRST
-            self._drop(str(exc))
+            self._drop(str(trouble))
             return
         finally:
             self._refreshing = False

@@ -26,11 +26,40 @@ import pytest
 from postfix_tools import postfix_config_dir, require_postfix
 
 from tcpmap_lmdb import dbformat, protocol, socketmap
+from tcpmap_lmdb.compiled import describe as describe_hot_path
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 15.0  # a cold interpreter importing gevent, on a loaded CI box
 STOP_TIMEOUT = 15.0
 REPLY_TIMEOUT = 5.0
+
+
+# --- which form of the hot path is under test ---------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With TCPMAP_EXPECT_COMPILED=1 (make test-compiled), stop unless the compiled
+    hot path is what runs: here, and in a server started as the tests start one
+    (an interpreter in the checkout, which must not import the source tree)."""
+    del config
+    if os.environ.get("TCPMAP_EXPECT_COMPILED") != "1":
+        return
+    compiled, line = describe_hot_path()
+    child = subprocess.run(
+        [sys.executable, "-m", "tcpmap_lmdb.compiled", "--require"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
+    if not compiled or child.returncode != 0:
+        pytest.exit(
+            f"TCPMAP_EXPECT_COMPILED=1, but here: {line}; a server: "
+            f"{(child.stdout + child.stderr).strip()} (PYTHONSAFEPATH=1 unset?)",
+            returncode=3,
+        )
+
 
 # --- tables -----------------------------------------------------------------
 

@@ -386,19 +386,11 @@ def test_found_quotes_like_reply(value: bytes) -> None:
     assert line == (expected if value and len(expected) <= protocol.MAX_REPLY else None)
 
 
-class _FramedOnly(protocol.LineBuffer):
-    """A LineBuffer without the one-line shortcut: everything goes through feed()."""
-
-    def whole_line(self, data: bytes) -> bytes | None:
-        return None
-
-
 def _general_path(data: bytes, buffered: bytes) -> list[Output]:
     session = TcpTableSession(responder(TWISTED_DATA))
-    session._buffer = _FramedOnly()
     if buffered:
-        list(session.receive(buffered))
-    return list(session.receive(data))
+        list(session.receive_framed(buffered))
+    return list(session.receive_framed(data))
 
 
 @given(

@@ -29,8 +29,10 @@ from .procs import Run, Server
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 PROJECT_BIN = ROOT / ".venv" / "bin"
+# The same package with its hot path compiled by mypyc (make compiled).
+COMPILED_BIN = ROOT / ".venv-compiled" / "bin"
 SERVER_CPU, LOADGEN_CPU = 0, 1  # one core each: neither steals the other's
-IDLE_CONNECTIONS = 10_000
+IDLE_CONNECTIONS = report.IDLE_CONNECTIONS
 # Times snapshot.take() (copy into a sealed memfd, then verify.check) of argv[1].
 SNAPSHOT_TIMER = """
 import sys, time
@@ -63,8 +65,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        default="lookups,scale,build,memory,cold,snapshot",
-        help="comma-separated subset of lookups,scale,build,memory,cold,snapshot",
+        default="lookups,scale,build,memory,cold,snapshot,reload",
+        help="comma-separated subset of lookups,scale,build,memory,cold,snapshot,reload",
     )
     parser.add_argument(
         "--quick", action="store_true", help="1 repeat of 1 s, no 10M table: a smoke test"
@@ -81,6 +83,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=float,
         default=0.10,
         help="redo a run when other processes used more than this share of a core",
+    )
+    parser.add_argument(
+        "--min-server-cpu",
+        type=float,
+        default=SATURATED_CPU,
+        help=f"redo a run (from {SATURATED_FROM} connections) where the server had less of a core",
     )
     parser.add_argument("--out", type=Path, default=HERE, help="where results.md/lookups.png go")
     parser.add_argument(
@@ -116,10 +124,17 @@ class Bench:
 
     # --- servers --------------------------------------------------------------
 
-    def tcpmap(self, data: DataSet, *extra: str, cpu: int | None = None) -> Server:
-        argv = [str(PROJECT_BIN / "tcpmap-server"), "--db", str(data.table)]
+    def tcpmap(
+        self, data: DataSet, *extra: str, cpu: int | None = None, bin_dir: Path = PROJECT_BIN
+    ) -> Server:
+        argv = [str(bin_dir / "tcpmap-server"), "--db", str(data.table)]
         argv += ["--listen", "127.0.0.1:0", *extra]
-        return Server("tcpmap-server", procs.pinned(argv, cpu), self.env)
+        return Server(f"tcpmap-server ({bin_dir.parent.name})", procs.pinned(argv, cpu), self.env)
+
+    def floor(self, data: DataSet, cpu: int | None = None) -> Server:
+        """gevent and a bare LMDB get: what tcpmap-server's own work is measured from."""
+        argv = [str(PROJECT_BIN / "python"), str(HERE / "floor.py"), "lmdb", "0", str(data.table)]
+        return Server("floor", procs.pinned(argv, cpu))
 
     def tcpmap_socketmap(self, data: DataSet, cpu: int | None = None) -> Server:
         argv = [str(PROJECT_BIN / "tcpmap-server"), "--db", str(data.table)]
@@ -141,8 +156,11 @@ class Bench:
         servers: dict[str, tuple[Server, DataSet]] = {}
         if "lookups" in self.args.only:
             servers["tcpmap"] = (self.tcpmap(self.small, cpu=cpu), self.small)
+            compiled = self.tcpmap(self.small, cpu=cpu, bin_dir=COMPILED_BIN)
+            servers[report.COMPILED] = (compiled, self.small)
             servers["twisted"] = (self.twisted(self.small, cpu=cpu), self.small)
             servers["trivial"] = (self.trivial_server(cpu=cpu), self.small)
+            servers[report.FLOOR] = (self.floor(self.small, cpu=cpu), self.small)
             servers[SOCKETMAP] = (self.tcpmap_socketmap(self.small, cpu=cpu), self.small)
             metered = self.tcpmap(self.small, "--listen", "metrics:127.0.0.1:0", cpu=cpu)
             servers[METERED] = (metered, self.small)
@@ -202,7 +220,7 @@ class Bench:
             )
             # From 16 connections on, every server here saturates its core when the
             # machine is quiet: less means something else had the core.
-            starved = conns >= SATURATED_FROM and run.server_cpu < SATURATED_CPU
+            starved = conns >= SATURATED_FROM and run.server_cpu < self.args.min_server_cpu
             if run.foreign_cpu <= self.args.max_foreign and not starved:
                 break
             print(
@@ -259,6 +277,9 @@ class Bench:
     def memory(self) -> None:
         starts: dict[str, Callable[[], Server]] = {
             "tcpmap": lambda: self.tcpmap(self.small, "--max-connections", "10100"),
+            report.COMPILED: lambda: self.tcpmap(
+                self.small, "--max-connections", "10100", bin_dir=COMPILED_BIN
+            ),
             "twisted": lambda: self.twisted(self.small),
         }
         procs.wait_for_quiet(0.1, 60)
@@ -337,31 +358,58 @@ class Bench:
     # --- cold start ------------------------------------------------------------------
 
     def cold(self) -> None:
-        server_argv = [str(PROJECT_BIN / "tcpmap-server"), "--db", str(self.small.table)]
+        """Pure Python and compiled in turns, so both see the same machine."""
         procs.wait_for_quiet(0.1, 60)
         for _ in range(self.args.cold_runs):
-            port = free_port()
-            argv = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=tcp_table"]
-            # The tool passes the daemon only the variables named with -E.
-            argv += [f"--setenv={name}={value}" for name, value in self.env.items()]
-            activator = Server("activate", [*argv, *server_argv], self.env, ACTIVATE_READY)
-            try:
-                activator.port()
-                result = subprocess.run(
-                    [str(self.loadgen), "cold", "127.0.0.1", str(port), self.small.hit_key()],
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                    check=True,
-                )
-            finally:
-                activator.stop()
-            fields = dict(item.split("=", 1) for item in result.stdout.split())
-            if fields.get("reply") != "200":
-                raise RuntimeError(f"cold start: unexpected reply {result.stdout!r}")
-            millis = float(fields["first_reply_us"]) / 1000
-            self.results.cold.append(millis)
-            print(f"  first reply after {millis:.1f} ms", flush=True)
+            for bin_dir, results in (
+                (PROJECT_BIN, self.results.cold),
+                (COMPILED_BIN, self.results.cold_compiled),
+            ):
+                millis = self.cold_start(bin_dir)
+                results.append(millis)
+                print(f"  {bin_dir.parent.name}: first reply after {millis:.1f} ms", flush=True)
+
+    def cold_start(self, bin_dir: Path) -> float:
+        """Milliseconds from connect() on a socket-activated port to the first reply."""
+        server_argv = [str(bin_dir / "tcpmap-server"), "--db", str(self.small.table)]
+        port = free_port()
+        argv = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=tcp_table"]
+        # The tool passes the daemon only the variables named with -E.
+        argv += [f"--setenv={name}={value}" for name, value in self.env.items()]
+        activator = Server("activate", [*argv, *server_argv], self.env, ACTIVATE_READY)
+        try:
+            activator.port()
+            result = subprocess.run(
+                [str(self.loadgen), "cold", "127.0.0.1", str(port), self.small.hit_key()],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            )
+        finally:
+            activator.stop()
+        fields = dict(item.split("=", 1) for item in result.stdout.split())
+        if fields.get("reply") != "200":
+            raise RuntimeError(f"cold start: unexpected reply {result.stdout!r}")
+        return float(fields["first_reply_us"]) / 1000
+
+    # --- reload ----------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP until the table, re-opened and re-checked, serves (compiled server)."""
+        server = self.tcpmap(self.small, bin_dir=COMPILED_BIN)
+        try:
+            procs.wait_answering(server.port(), self.small.hit_key())
+            procs.wait_for_quiet(0.1, 60)
+            for _ in range(self.args.cold_runs):
+                logged = len(server.log)
+                began = time.monotonic()
+                server.proc.send_signal(signal.SIGHUP)
+                millis = (server.wait_for_log("INFO: opened ", logged, 60.0) - began) * 1000
+                self.results.reload.append(millis)
+                print(f"  SIGHUP to serving the re-checked table: {millis:.1f} ms", flush=True)
+        finally:
+            server.stop()
 
 
 def timed_run(argv: list[str], limit: float) -> tuple[float, int]:
@@ -407,6 +455,7 @@ def main(argv: list[str]) -> int:
         ("memory", bench.memory),
         ("cold", bench.cold),
         ("snapshot", bench.snapshot),
+        ("reload", bench.reload),
     ]
     for name, step in steps:
         if name in args.only or (name == "lookups" and "scale" in args.only):

@@ -69,7 +69,10 @@ def serve(port: int, answer: Callable[[bytes], bytes]) -> None:
         except OSError:
             return
 
-    StreamServer(("127.0.0.1", port), handle).serve_forever()
+    server = StreamServer(("127.0.0.1", port), handle)
+    server.start()  # PORT 0: any; the bench reads the port from this line
+    print(f"floor: listening on 127.0.0.1:{server.server_port}", file=sys.stderr, flush=True)
+    server.serve_forever()
 
 
 def main(argv: list[str]) -> None:

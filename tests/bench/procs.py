@@ -58,6 +58,8 @@ class Server:
             env={**os.environ, **(env or {})},
         )
         self.log: list[str] = []
+        self.log_times: list[float] = []  # when each line of log arrived
+        self._logged = threading.Condition()
         self._port: int | None = None
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -67,12 +69,28 @@ class Server:
         assert self.proc.stderr is not None
         for raw in self.proc.stderr:
             line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.log.append(line)
+            with self._logged:
+                self.log.append(line)
+                self.log_times.append(time.monotonic())
+                self._logged.notify_all()
             match = self._pattern.search(line)
             if match and self._port is None:
                 self._port = int(match.group(1))
                 self._ready.set()
         self._ready.set()
+
+    def wait_for_log(self, text: str, after: int, timeout: float) -> float:
+        """When (time.monotonic()) a line containing TEXT was logged, from line AFTER on."""
+        deadline = time.monotonic() + timeout
+        with self._logged:
+            while True:
+                for index in range(after, len(self.log)):
+                    if text in self.log[index]:
+                        return self.log_times[index]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"{self.name} did not log {text!r}: {self.log[-5:]}")
+                self._logged.wait(left)
 
     def port(self, timeout: float = START_TIMEOUT) -> int:
         self._ready.wait(timeout)
