@@ -122,6 +122,8 @@ def test_documented_commands_work(tmp_path: Path) -> None:
         timeout=300,
         check=False,
         cwd=ROOT / "tests",
+        # its imports (conftest), also under PYTHONSAFEPATH=1 (make test-compiled)
+        env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
     )
     if done.returncode != 0 and "unshare failed" in done.stderr:
         if os.environ.get("CI") == "true":
