@@ -89,6 +89,7 @@ deb:
 bench: venv compiled
 	sh scripts/system-deps.sh test
 	$(BIN)/python -m tests.bench
+	.venv-bench/bin/python -m tests.bench.postfix_maps
 
 clean:
 	rm -rf $(VENV) $(COMPILED) .venv-debian .venv-bench build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -4,10 +4,13 @@
 
 One table built by tcpmap-build; `postmap -q - TYPE:NAME` reads the bench's
 request keys (80% hits) on stdin and looks each up, one at a time, as a Postfix
-daemon does: in process with lmdb:, through tcpmap-server with tcp: and
-socketmap: (one connection, request then reply). Prints lookups/s, the best of
-RUNS, for each. Needs postmap (Postfix with postfix-lmdb). Loopback only;
-bounded by RUNS x 3 postmap runs of at most 120 s.
+daemon does: in process with lmdb:, through tcpmap-server with tcp: (pure Python
+and, when `make compiled` has built it, compiled) and socketmap: (one
+connection, request then reply), and through Twisted's tcp_table server serving
+the same source from a dict. Prints lookups/s, the best of RUNS, for each, and
+writes them to tests/bench/postfix_maps.md (--out). Needs postmap (Postfix with
+postfix-lmdb) and the bench environment (Twisted: python -m tests.bench makes
+it). Loopback only; bounded by RUNS x 5 postmap runs of at most 120 s.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from .data import DataSet
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".venv" / "bin"
+COMPILED_BIN = ROOT / ".venv-compiled" / "bin"
+BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 POSTMAP_LIMIT = 120.0
 
 
@@ -35,6 +40,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--lookups", type=int, default=50_000, help="keys per postmap run")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--data", type=Path, default=ROOT / ".venv-bench" / "data")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("postfix_maps.md"))
     args = parser.parse_args(argv)
     postmap = shutil.which("postmap", path="/usr/sbin:/usr/local/sbin:/usr/bin")
     if postmap is None:
@@ -50,18 +56,35 @@ def main(argv: list[str]) -> int:
         os.utime(config / "main.cf", (an_hour_ago, an_hour_ago))
         table = data.table.with_suffix("")  # lmdb:NAME is NAME.lmdb
         argv_base = [str(BIN / "tcpmap-server"), "--db", str(data.table)]
-        tcp = procs.Server("tcp", [*argv_base, "--listen", "127.0.0.1:0"])
-        socketmap = procs.Server("socketmap", [*argv_base, "--listen", "socketmap:127.0.0.1:0"])
+        socketmap_argv = [*argv_base, "--listen", "socketmap:127.0.0.1:0"]
+        servers = {
+            "tcp": procs.Server("tcp", [*argv_base, "--listen", "127.0.0.1:0"]),
+            "socketmap": procs.Server("socketmap", socketmap_argv),
+        }
+        if (COMPILED_BIN / "tcpmap-server").exists():
+            argv = [str(COMPILED_BIN / "tcpmap-server"), "--db", str(data.table)]
+            servers["compiled"] = procs.Server("compiled", [*argv, "--listen", "127.0.0.1:0"])
+        if BENCH_PYTHON.exists():
+            argv = [str(BENCH_PYTHON), str(Path(__file__).with_name("twisted_server.py"))]
+            servers["twisted"] = procs.Server("Twisted", [*argv, str(data.source), "0"])
+        rows = []
         try:
-            tcp_port, socketmap_port = tcp.port(), socketmap.port()
-            procs.wait_answering(tcp_port, data.hit_key())
+            port = {name: server.port() for name, server in servers.items()}
+            for name in ("tcp", "compiled", "twisted"):
+                if name in port:
+                    procs.wait_answering(port[name], data.hit_key())
             maps = {
-                "lmdb:": f"lmdb:{table}",
-                "tcp: (tcpmap-server)": f"tcp:127.0.0.1:{tcp_port}",
-                "socketmap: (tcpmap-server)": f"socketmap:inet:127.0.0.1:{socketmap_port}:table",
+                "lmdb: (in process)": f"lmdb:{table}",
+                "tcp: (tcpmap-server)": f"tcp:127.0.0.1:{port['tcp']}",
+                "tcp: (tcpmap-server, compiled)": f"tcp:127.0.0.1:{port.get('compiled')}",
+                "socketmap: (tcpmap-server)": f"socketmap:inet:127.0.0.1:{port['socketmap']}:table",
+                "tcp: (Twisted)": f"tcp:127.0.0.1:{port.get('twisted')}",
             }
             found = {}
             for name, spec in maps.items():
+                if spec.endswith(":None"):
+                    print(f"{name:42} not run (make compiled; python -m tests.bench)")
+                    continue
                 rates = []
                 for _ in range(args.runs):
                     started = time.perf_counter()
@@ -82,15 +105,20 @@ def main(argv: list[str]) -> int:
                     f"(best of {args.runs}; {found[name]:,} of {args.lookups:,} found)",
                     flush=True,
                 )
+                rows.append(f"| `{name}` | {max(rates):,.0f} | {found[name]:,} |")
             if len(set(found.values())) != 1:
-                raise RuntimeError(f"the three answered differently: {found}")
+                raise RuntimeError(f"the maps answered differently: {found}")
         finally:
-            tcp.stop()
-            socketmap.stop()
-    print(
-        f"postmap {_version(postmap, config)}: one process, one key at a time, "
-        f"{args.keys:,}-key table, keys as in tests/bench (80% found)"
-    )
+            for server in servers.values():
+                server.stop()
+        what = (
+            f"postmap {_version(postmap, config)}: one process, one key at a time, "
+            f"{args.lookups:,} lookups, {args.keys:,}-key table, keys as in tests/bench "
+            f"(80% found); best of {args.runs} runs, {time.strftime('%Y-%m-%d %H:%M')}"
+        )
+    print(what)
+    table = ["| map | lookups/s | found |", "|---|---|---|", *rows]
+    args.out.write_text(f"`postmap -q -` batch lookups: {what}\n\n" + "\n".join(table) + "\n")
     return 0
 
 
