@@ -117,8 +117,8 @@ def main(argv: list[str]) -> int:
             f"(80% found); best of {args.runs} runs, {time.strftime('%Y-%m-%d %H:%M')}"
         )
     print(what)
-    table = ["| map | lookups/s | found |", "|---|---|---|", *rows]
-    args.out.write_text(f"`postmap -q -` batch lookups: {what}\n\n" + "\n".join(table) + "\n")
+    lines = ["| map | lookups/s | found |", "|---|---|---|", *rows]
+    args.out.write_text(f"`postmap -q -` batch lookups: {what}\n\n" + "\n".join(lines) + "\n")
     return 0
 
 
