@@ -248,6 +248,7 @@ class LiveTable:
         self._watching = watch_directory
         self._watcher = watcher
         self._watch: DirectoryWatch | None = None
+        self._watched: tuple[int, int] | None = None  # (st_dev, st_ino) of its directory
         self._checked = 0.0  # when the path was last stat-ed
         self._table: Table | None = None
         self._seen: Signature | None = None  # what we last opened or found bad
@@ -296,8 +297,8 @@ class LiveTable:
                     self._sleep(_CHECK_POLL)
             self._checked = 0.0
             return
-        if self._watch is None and self._watching:
-            self._watch = self._watcher(self.path.parent)
+        if self._watching:
+            self._watch_directory()
         now = self._checked = time.monotonic()
         try:
             st = os.stat(self.path)
@@ -322,6 +323,24 @@ class LiveTable:
         ):
             return
         self._reopen(Signature.of(st))
+
+    def _watch_directory(self) -> None:
+        """Watch the directory the path is in now. One replaced (a symlink on the way
+        flipped to another directory, or a directory renamed into its place) is
+        another inode, of which the old watch sees nothing: watch that one instead.
+        The directory is stat-ed before it is watched, so a replacement in between
+        is seen by the next refresh (within a second) and watched then."""
+        try:
+            st = os.stat(self.path.parent)
+        except OSError:
+            return  # no directory: the path's own stat says so
+        identity = (st.st_dev, st.st_ino)
+        if identity == self._watched:
+            return
+        if self._watch is not None:
+            self._watch.close()
+        self._watch = self._watcher(self.path.parent)
+        self._watched = identity
 
     def _reopen(self, current: Signature) -> None:
         self._refreshing = True
@@ -445,3 +464,4 @@ class LiveTable:
         if self._watch is not None:
             self._watch.close()
             self._watch = None
+        self._watched = None

@@ -333,6 +333,37 @@ def test_many_replacements_are_each_seen(db: Path, make_table: MakeTable) -> Non
         table.close()
 
 
+@pytest.mark.parametrize("how", ["symlink flipped", "renamed in place"])
+def test_a_replaced_directory_is_watched_again(tmp_path: Path, how: str) -> None:
+    """After the table's directory is replaced (a symlink to a release directory
+    flipped, or the directory renamed away and another renamed into its place), a
+    publication in the new directory is served on the very next lookup, as before."""
+    one, two, maps = tmp_path / "one", tmp_path / "two", tmp_path / "maps"
+    one.mkdir()
+    two.mkdir()
+    if how == "symlink flipped":
+        maps.symlink_to(one)
+    else:
+        one.rename(maps)
+    make_table(maps / "t.lmdb", {"key": "one"})
+    table = LiveTable(maps / "t.lmdb")
+    try:
+        assert table.lookup(b"key") == b"one"
+        make_table(two / "t.lmdb", {"key": "two"})
+        if how == "symlink flipped":
+            (tmp_path / "maps.new").symlink_to(two)
+            (tmp_path / "maps.new").rename(maps)  # atomic, as ln -sfn is not
+        else:
+            maps.rename(tmp_path / "maps.old")
+            two.rename(maps)
+        table.refresh()  # a flip is seen within a second, or at once by a refresh (SIGHUP)
+        assert table.lookup(b"key") == b"two"
+        make_table(maps / "t.lmdb", {"key": "three"})
+        assert table.lookup(b"key") == b"three"
+    finally:
+        table.close()
+
+
 def test_missing_at_start_is_a_table_error_then_recovers(db: Path, make_table: MakeTable) -> None:
     """No file yet: lookups raise TableError saying so; once a file appears it is served."""
     table = LiveTable(db)
