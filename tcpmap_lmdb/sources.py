@@ -353,7 +353,8 @@ class NotASource(NamedTuple):
 def not_a_source(head: bytes, name: str) -> NotASource | None:
     """What the file NAME, whose first bytes are HEAD (HEAD_BYTES of them, or all it
     has), is if it is obviously no table source: a table (LMDB, Berkeley DB, cdb),
-    compressed data, UTF-16 text, or binary data (a NUL byte in its first line); None
+    compressed data, UTF-16 text, UTF-8 text with a byte order mark, or binary data (a NUL
+    byte in its first line); None
     if it may be text. A NUL further down is left to the parser: a text source with a stray NUL
     gets its FILE:LINE error ("NUL byte in input").
     """
@@ -385,7 +386,8 @@ def _table_file(head: bytes, name: str) -> NotASource | None:
 
 
 def _not_text(head: bytes, name: str) -> NotASource | None:
-    """Compressed data, UTF-16 text, or binary data (a NUL in the first line)."""
+    """Compressed data, UTF-16 text, a UTF-8 byte order mark, or binary data (a NUL in the
+    first line)."""
     for magic, compression, cat in _COMPRESSED:
         if head.startswith(magic):
             return NotASource(
@@ -395,6 +397,12 @@ def _not_text(head: bytes, name: str) -> NotASource | None:
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 byte order mark
         return NotASource(
             "UTF-16 text", f"convert it to UTF-8 first, e.g. iconv -f UTF-16 -t UTF-8 {name}"
+        )
+    if head.startswith(b"\xef\xbb\xbf"):  # postmap would keep it in the first key
+        return NotASource(
+            "UTF-8 text starting with a byte order mark (EF BB BF)",
+            "postmap would make the mark part of the first key: remove it first, "
+            f"e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' {name}",
         )
     first_line = head.split(b"\n", 1)[0]
     nul = first_line.find(b"\x00")

@@ -100,6 +100,12 @@ INPUTS = {
     "xz": (encoded(lzma.compress), "this is xz-compressed data", False),
     "bzip2": (encoded(bz2.compress), "this is bzip2-compressed data", False),
     "UTF-16": (encoded(lambda text: text.decode().encode("utf-16")), "this is UTF-16 text", False),
+    # postmap would keep the mark as part of the first key, which no lookup then finds
+    "UTF-8 with a BOM": (
+        encoded(lambda text: b"\xef\xbb\xbf" + text),
+        "this is UTF-8 text starting with a byte order mark",
+        False,
+    ),
     "program": (program, "this is binary data (a NUL byte in its first line", False),
 }
 
