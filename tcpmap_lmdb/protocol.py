@@ -107,10 +107,12 @@ def parse_request(line: bytes) -> Request:
     """
     if line.endswith(b"\r"):
         line = line[:-1]
-    command, _, argument = line.partition(b" ")
+    command, space, argument = line.partition(b" ")
     if command == b"get":
-        if not argument:
+        if not space:
             raise ProtocolError("get requires a key")
+        # An empty key (`get `) is a lookup like any other, and no table holds it:
+        # `postmap -q -` sends one for a blank line, and lmdb: answers it not found.
         key = unquote(argument)
         if b"\x00" in key:
             raise ProtocolError("key contains NUL")

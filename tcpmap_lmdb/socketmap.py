@@ -205,12 +205,14 @@ class NetstringBuffer:
 
 
 def parse_request(payload: bytes) -> Lookup:
-    """``name SP key``: the name is up to the first space, the key is the rest, raw."""
+    """``name SP key``: the name is up to the first space, the key is the rest, raw.
+
+    An empty key is a lookup like any other, and no table holds it: `postmap -q -`
+    sends one for a blank line, and lmdb: answers it not found.
+    """
     name, sep, key = payload.partition(b" ")
     if not sep or not name:
         raise BadRequest("expected 'name key'")
-    if not key:
-        raise BadRequest("empty key")
     return Lookup(name, key)
 
 

@@ -123,12 +123,18 @@ def test_put_is_refused_as_read_only() -> None:
     assert responder({}).answer(b"put k v") == protocol.READ_ONLY
 
 
-@pytest.mark.parametrize("line", [b"get", b"get ", b"GET foo", b"", b"lookup foo", b"get %2"])
+@pytest.mark.parametrize("line", [b"get", b"GET foo", b"", b"lookup foo", b"get %2"])
 def test_bad_requests_are_400(line: bytes) -> None:
     """Unknown commands, a missing key and a malformed escape answer 400."""
     reply = responder({b"foo": b"x"}).answer(line)
     assert reply.startswith(b"400 ")
     assert_valid_reply(reply)
+
+
+def test_an_empty_key_is_not_found() -> None:
+    """`get ` (postmap -q - sends it for a blank line) is a lookup, answered as lmdb:
+    answers it: 500 (no table holds an empty key: test_table)."""
+    assert responder({b"foo": b"x"}).answer(b"get ") == protocol.NOT_FOUND
 
 
 def test_key_with_nul_is_400() -> None:

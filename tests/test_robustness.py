@@ -182,14 +182,14 @@ def hex_decode(text: bytes) -> bytes | None:
 def expected_tcp(line: bytes) -> tuple[int, bytes | None]:
     """(code, value) for one request line without its LF: 200 value, 500, or 400 if malformed.
 
-    Well formed is exactly ``get SP key`` with a key that hex-decodes to non-empty, NUL-free
-    bytes (one trailing CR, as telnet sends, is ignored), or ``put SP key SP value`` (500:
+    Well formed is exactly ``get SP key`` with a key that hex-decodes to NUL-free bytes (an
+    empty key is not found, as lmdb: answers it) (one trailing CR, as telnet sends, is ignored), or ``put SP key SP value`` (500:
     read-only). Everything else is malformed: 400, never 200.
     """
     line = line.removesuffix(b"\r")
     if line.startswith(b"get "):
         key = hex_decode(line[4:])
-        if not key or b"\x00" in key:
+        if key is None or b"\x00" in key:
             return 400, None
         value = TABLES[b"virtual"].get(fold(key))
         return (200, value) if value else (500, None)
@@ -256,13 +256,14 @@ def frame_netstrings(stream: bytes) -> tuple[list[bytes], bool]:
 
 
 def expected_socketmap(payload: bytes) -> tuple[bytes, bytes | None]:
-    """(status, value) for one request payload: ``name SP key`` with a known map, else PERM.
+    """(status, value) for one request payload: ``name SP key`` with a known map, else PERM
+    (an empty key is not found, as lmdb: answers it).
 
     A payload over MAX_REQUEST has a key no table holds: NOTFOUND if its map is known.
     """
     name, sep, key = payload.partition(b" ")
     table = TABLES.get(name)
-    if not sep or not key or table is None:
+    if not sep or table is None:
         return b"PERM", None
     if len(payload) > socketmap.MAX_REQUEST:
         return b"NOTFOUND", None
@@ -455,7 +456,8 @@ def test_model_agrees_with_hand_written_cases() -> None:
     assert expected_tcp(b"get alice@example.com\r\r")[0] == 500
     assert expected_tcp(b"get nobody")[0] == 500
     assert expected_tcp(b"put a b c")[0] == 500
-    for line in (b"get", b"get ", b"get %zz", b"get a%00", b"GET a", b"", b"put a", b"get a%4"):
+    assert expected_tcp(b"get ")[0] == 500  # postmap -q - with a blank line; lmdb: not found
+    for line in (b"get", b"get %zz", b"get a%00", b"GET a", b"", b"put a", b"get a%4"):
         assert expected_tcp(line)[0] == 400, line
     assert frame_netstrings(b"3:a b,0003:a b,1") == ([b"a b", b"a b"], False)
     assert frame_netstrings(b"3:a b;") == ([], True)

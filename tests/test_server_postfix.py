@@ -106,6 +106,33 @@ def test_batch_mode_answers_every_key_in_order(config: Path, srv: ServerProcess)
     ]
 
 
+def test_a_blank_line_in_batch_mode_is_not_found_as_with_lmdb(
+    config: Path, srv: ServerProcess, server: StartServer, tmp_path: Path
+) -> None:
+    """`postmap -q -` sends a blank line as an empty key (`get `). Over lmdb: that is
+    not found; over tcp: and socketmap: it must be too, not a 400 that ends postmap with a fatal
+    query error and loses the keys after it. (Postfix's daemons never ask for an
+    empty key: maps_find() returns before the lookup.)"""
+    stdin = b"alice@example.com\n\nrelay\n"
+    lmdb_table = make_table(tmp_path / "same.lmdb", TABLE)
+    sockmap = server(lmdb_table, "--listen", "socketmap:127.0.0.1:0")
+    answers = [
+        run_postfix("postmap", config, "-q", "-", spec, stdin=stdin)
+        for spec in (
+            f"lmdb:{lmdb_table.with_suffix('')}",
+            f"tcp:127.0.0.1:{srv.port}",
+            f"socketmap:inet:127.0.0.1:{sockmap.port}:same",
+        )
+    ]
+    for result in answers:
+        assert (result.returncode, result.stderr) == (0, b""), result.stderr
+    assert answers[1].stdout == answers[2].stdout == answers[0].stdout
+    assert answers[0].stdout.decode().splitlines() == [
+        "alice@example.com\talice@mail.example.com",
+        "relay\tsmtp:[relay.example.com]:587 with spaces",
+    ]
+
+
 def test_missing_database_is_a_query_error_not_not_found(
     config: Path, server: StartServer, tmp_path: Path
 ) -> None:
