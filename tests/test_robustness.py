@@ -182,9 +182,10 @@ def hex_decode(text: bytes) -> bytes | None:
 def expected_tcp(line: bytes) -> tuple[int, bytes | None]:
     """(code, value) for one request line without its LF: 200 value, 500, or 400 if malformed.
 
-    Well formed is exactly ``get SP key`` with a key that hex-decodes to NUL-free bytes (an
-    empty key is not found, as lmdb: answers it) (one trailing CR, as telnet sends, is ignored), or ``put SP key SP value`` (500:
-    read-only). Everything else is malformed: 400, never 200.
+    Well formed is exactly ``get SP key`` with a key that hex-decodes to NUL-free bytes (one
+    trailing CR, as telnet sends, is ignored; an empty key is not found, as lmdb: answers
+    it), or ``put SP key SP value`` (500: read-only). Everything else is malformed: 400,
+    never 200.
     """
     line = line.removesuffix(b"\r")
     if line.startswith(b"get "):
