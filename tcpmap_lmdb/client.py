@@ -64,13 +64,20 @@ class TableName:
             transport, _, place = where.partition(":")
             if transport == "unix" and place:
                 return cls("socketmap", path=place, map=name)
+            if where == "unix":  # socketmap:unix:PATH, the name forgotten
+                raise ValueError(f"{text!r}: no map name after the socket path")
             if transport == "inet":
+                if name.isdigit() and ":" not in place:  # socketmap:inet:HOST:PORT
+                    raise ValueError(f"{text!r}: no map name after the port")
                 return cls("socketmap", address=Address.parse(place), map=name)
             raise ValueError(f"{text!r}: expected socketmap:inet:... or socketmap:unix:...")
         if kind == "tcp":
             return cls("tcp", address=Address.parse(rest))
-        if kind.isalpha() and kind not in ("localhost",) and ":" in rest:
-            raise ValueError(f"{text!r}: unknown table type {kind!r}")
+        # TYPE:NAME of another table type (hash:/etc/aliases), not HOST:PORT.
+        if kind.isalpha() and kind != "localhost" and rest and not rest.isdigit():
+            raise ValueError(
+                f"{text!r}: unknown table type {kind!r} (postmap -q KEY {text} reads that table)"
+            )
         return cls("tcp", address=Address.parse(text))
 
     @staticmethod

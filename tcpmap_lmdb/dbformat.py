@@ -64,6 +64,17 @@ def table_path(name: str | Path) -> Path:
     return path
 
 
+# Compressed files, by their magic numbers: gzip (RFC 1952), xz (its file format
+# spec, 2.1.1.1), bzip2 ("BZh" and a block size digit), zstd (RFC 8878, 3.1.1);
+# and the command that decompresses each.
+COMPRESSED = (
+    (b"\x1f\x8b", "gzip", "zcat"),
+    (b"\xfd7zXZ\x00", "xz", "xzcat"),
+    (b"BZh", "bzip2", "bzcat"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "zstdcat"),
+)
+
+
 def not_a_table(path: Path, head: bytes | int, reason: str = "") -> str:
     """Why the file at PATH is no LMDB table, and what to do about it.
 
@@ -74,6 +85,13 @@ def not_a_table(path: Path, head: bytes | int, reason: str = "") -> str:
     if isinstance(head, int):
         head = os.pread(head, 64, 0)
     what = f"{path} is not a readable LMDB file"
+    for magic, compression, cat in COMPRESSED:  # before the text test: bzip2 may pass it
+        if head.startswith(magic):
+            table = path.with_suffix("") if path.suffix else Path(f"{path}.lmdb")
+            return (
+                f"{what}: it is {compression}-compressed data; if it is a table, decompress "
+                f"it first ({cat} {path} > {table}), else build one with `tcpmap-build SOURCE`"
+            )
     if head and b"\x00" not in head:
         return (
             f"{what}: it is a text file, a table source perhaps; build a table from it "

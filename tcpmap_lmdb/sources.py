@@ -15,7 +15,7 @@ from functools import partial
 from itertools import chain
 from typing import Literal, NamedTuple
 
-from tcpmap_lmdb.dbformat import _BERKELEY_DB, _LMDB_MAGIC
+from tcpmap_lmdb.dbformat import _BERKELEY_DB, _LMDB_MAGIC, COMPRESSED
 from tcpmap_lmdb.postfix import AliasNames
 
 Syntax = Literal["postmap", "aliases"]
@@ -333,14 +333,6 @@ def _excerpt(text: str, limit: int = 60) -> str:
 
 # How many of a source's first bytes not_a_source() needs to see.
 HEAD_BYTES = 4096
-# Compressed files, by their magic numbers: gzip (RFC 1952), xz (its file format
-# spec, 2.1.1.1), bzip2 ("BZh" and a block size digit), zstd (RFC 8878, 3.1.1).
-_COMPRESSED = (
-    (b"\x1f\x8b", "gzip", "zcat"),
-    (b"\xfd7zXZ\x00", "xz", "xzcat"),
-    (b"BZh", "bzip2", "bzcat"),
-    (b"\x28\xb5\x2f\xfd", "zstd", "zstdcat"),
-)
 
 
 class NotASource(NamedTuple):
@@ -388,7 +380,7 @@ def _table_file(head: bytes, name: str) -> NotASource | None:
 def _not_text(head: bytes, name: str) -> NotASource | None:
     """Compressed data, UTF-16 text, a UTF-8 byte order mark, or binary data (a NUL in the
     first line)."""
-    for magic, compression, cat in _COMPRESSED:
+    for magic, compression, cat in COMPRESSED:
         if head.startswith(magic):
             return NotASource(
                 f"{compression}-compressed data",

@@ -6,6 +6,8 @@ dump round trip.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import os
 import shutil
 import socket
@@ -119,6 +121,25 @@ def test_query_takes_mains_cf_table_names(text: str, shown: str) -> None:
     assert str(TableName.parse(text)) == shown
 
 
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("socketmap:inet:127.0.0.1:4243", "no map name after the port"),
+        ("socketmap:unix:/run/x.sock", "no map name after the socket path"),
+        ("socketmap:127.0.0.1:4243:virtual", "expected socketmap:inet:... or socketmap:unix:..."),
+        ("hash:/etc/aliases", "unknown table type 'hash'"),
+        ("regexp:/etc/postfix/x:y", "unknown table type 'regexp'"),
+        ("127.0.0.1", "expected HOST:PORT"),
+        ("localhost:smtp", "port must be a number"),
+    ],
+)
+def test_a_bad_table_name_says_what_is_wrong(text: str, reason: str) -> None:
+    """-s with a table name we cannot ask: what is wrong with it, then every form we take."""
+    with pytest.raises(ValueError, match="accepted forms: tcp:HOST:PORT") as caught:
+        TableName.parse(text)
+    assert reason in str(caught.value)
+
+
 def test_query_names_accepted_forms_for_a_bad_table() -> None:
     """-s socketmap:127.0.0.1:4243 (no inet:, no map) is refused with the forms."""
     result = run("tcpmap-query", "-s", "socketmap:127.0.0.1:4243", "k")
@@ -197,6 +218,8 @@ def _berkeley_db(path: Path, magic: int) -> Path:
         (_damaged_lmdb, "it is a damaged LMDB file"),
         (lambda p: _berkeley_db(p, 0x00061561), "it is a Berkeley DB hash file"),
         (lambda p: _berkeley_db(p, 0x00053162), "it is a Berkeley DB btree file"),
+        (lambda p: p.write_bytes(gzip.compress(SOURCE)) and p, "it is gzip-compressed data"),
+        (lambda p: p.write_bytes(bz2.compress(SOURCE)) and p, "it is bzip2-compressed data"),
     ],
 )
 def test_not_a_table_says_what_the_file_is(tmp_path: Path, make: object, says: str) -> None:
