@@ -53,7 +53,7 @@ def open_endpoints(config: ServerConfig, inherited: list[Listener]) -> list[Endp
     sockets: the service cannot bind an address itself (PrivateNetwork=yes).
     """
     if not inherited:
-        return _bind_all(config.listeners)
+        return _bind_all(config.listeners, config.listen)
     if all(Binding.from_fd_name(listener.name).protocol == METRICS for listener in inherited):
         for listener in inherited:
             listener.sock.close()
@@ -78,8 +78,9 @@ def open_endpoints(config: ServerConfig, inherited: list[Listener]) -> list[Endp
     return endpoints
 
 
-def _bind_all(specs: tuple[ListenSpec, ...]) -> list[Endpoint]:
-    """Bind every spec, or none: a failure closes and removes what was already bound."""
+def _bind_all(specs: tuple[ListenSpec, ...], given: tuple[ListenSpec, ...]) -> list[Endpoint]:
+    """Bind every spec, or none: a failure closes and removes what was already bound.
+    A spec not among GIVEN (the --listen ones) is the default map listener."""
     endpoints: list[Endpoint] = []
     try:
         for spec in specs:
@@ -89,7 +90,10 @@ def _bind_all(specs: tuple[ListenSpec, ...]) -> list[Endpoint]:
                 where = f"unix:{spec.path}" if spec.path is not None else str(spec.address)
                 raise ListenError(f"cannot listen on {where}: {_reason(exc)}") from None
             created_id = _file_id(spec.path) if spec.path is not None else None
-            endpoints.append(Endpoint(sock, spec.binding, "--listen", spec.path, created_id))
+            origin = "--listen" if spec in given else "the default"
+            if spec not in given and given:
+                origin += ": no --listen serves maps"
+            endpoints.append(Endpoint(sock, spec.binding, origin, spec.path, created_id))
     except BaseException:
         remove_socket_files(endpoints)
         for endpoint in endpoints:

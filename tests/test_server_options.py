@@ -9,6 +9,7 @@ import pytest
 from activation import Activated, exec_start, tcp_listener
 from conftest import START_TIMEOUT, Conn, LoggedProcess, MakeTable, server_command, start_server
 
+from tcpmap_lmdb import listeners
 from tcpmap_lmdb.config import DEFAULT_LISTEN, TCP_TABLE, ConfigError, ListenSpec, ServerConfig
 
 
@@ -114,13 +115,30 @@ def test_server_with_only_a_metrics_listener_serves_maps_on_the_default(db: Path
             assert server.proc.wait(START_TIMEOUT) == 1
             return
         assert line.group(0) == "listening on 127.0.0.1:4242", server.logs
-        server.wait_for_log(r"127\.0\.0\.1:4242 serves tcp_table")
-        server.wait_for_log(r"serves metrics")
+        server.wait_for_log(r"127\.0\.0\.1:4242 serves tcp_table \(the default: no --listen")
+        server.wait_for_log(r"serves metrics \(--listen\)")
         with Conn(4242) as conn:
             assert conn.ask("k") == (200, b"v")
     finally:
         if server.proc.poll() is None:
             server.check_clean_exit()
+
+
+def test_the_log_tells_the_default_listener_from_the_given_ones() -> None:
+    """Each bound listener's origin, as its log line shows it: --listen, or the default."""
+    maps, metrics = ListenSpec.parse("127.0.0.1:0"), ListenSpec.parse("metrics:127.0.0.1:0")
+    cases = [((maps, metrics), (metrics,)), ((maps,), ()), ((maps, metrics), (maps, metrics))]
+    origins = []
+    for specs, given in cases:
+        endpoints = listeners._bind_all(specs, given)
+        origins.append([endpoint.origin for endpoint in endpoints])
+        for endpoint in endpoints:
+            endpoint.sock.close()
+    assert origins == [
+        ["the default: no --listen serves maps", "--listen"],
+        ["the default"],
+        ["--listen", "--listen"],
+    ]
 
 
 def test_systemd_passing_only_a_metrics_socket_is_refused(db: Path) -> None:
