@@ -320,7 +320,8 @@ def served_tables(address: Address, timeout: float = DEFAULT_TIMEOUT) -> list[li
         raw = getattr(exc, "line", "")  # http.client sets it; typeshed does not say so
         line = raw.encode("latin-1", "replace") if isinstance(raw, str) else b""
         if isinstance(exc, http.client.RemoteDisconnected) or not line:
-            detail = "closed the connection without an HTTP reply"
+            # what a socketmap listener does with a request that is no netstring
+            detail = "closed the connection without an HTTP reply (a socketmap listener?)"
         else:
             detail = f"no HTTP reply: got {shown(line.rstrip(CRLF))}"
         data = line

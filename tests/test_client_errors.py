@@ -209,7 +209,7 @@ def test_closed_port(client: str) -> None:
         ("socketmap", "tcp_table", "this is a tcp_table listener"),  # the server's PERM
         ("socketmap", "metrics", "no reply within 1 s; expected a socketmap server"),
         ("metrics", "tcp_table", "a tcp_table listener?"),
-        ("metrics", "socketmap", "expected a tcpmap-server metrics listener"),
+        ("metrics", "socketmap", "without an HTTP reply (a socketmap listener?)"),
     ],
 )
 def test_wrong_listener_of_a_real_server(
