@@ -1,9 +1,18 @@
 #!/bin/sh
-# Build the Debian package into dist/tcpmap-lmdb_VERSION_all.deb and lint it (make deb).
+# Build the Debian package into dist/tcpmap-lmdb_VERSION_ARCH.deb and lint it (make deb).
 #
 #   sh scripts/build-deb.sh
 #   TCPMAP_DEB_VERSION=0.1.0+test1 sh scripts/build-deb.sh   # same code, another version
 #   TCPMAP_DEB_DEST=DIR sh scripts/build-deb.sh              # put the .deb in DIR, not dist/
+#   TCPMAP_DEB_TREE=DIR sh scripts/build-deb.sh              # build in a Debian tree (root)
+#
+# The package is architecture-specific: its hot path is compiled by the
+# release's own mypyc (python3-mypy) for the release's own Python (3.11 in
+# Debian 12, 3.13 in Debian 13), so it is built once per release. Without
+# TCPMAP_DEB_TREE it is built on this machine, for its release. TCPMAP_DEB_TREE
+# names a root tree of another release that holds the build dependencies
+# (tests/debian_tree.py makes one): the build and lintian then run in it, the
+# release's own, under systemd-nspawn, on a throw-away overlay, with no network.
 #
 # The build runs in a staged copy of the tree (build/deb/), with packaging/debian/
 # as its debian/, and with a clean environment: the pyenv shims first on this
@@ -12,7 +21,11 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-sh scripts/system-deps.sh deb
+if [ -z "${TCPMAP_DEB_TREE:-}" ]; then
+    sh scripts/system-deps.sh deb
+else
+    sh scripts/system-deps.sh deb-tree
+fi
 
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)
 changelog_version=$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)
@@ -51,15 +64,34 @@ if [ "$deb_version" != "$version" ]; then
     mv "$changelog.new" "$changelog"
 fi
 
-echo "build-deb: building tcpmap-lmdb $deb_version in $tree"
-(cd "$tree" && env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="${HOME:-/root}" LANG=C.UTF-8 \
-    dpkg-buildpackage -us -uc -b)
+# Build, then lint what was built: -I shows the informational tags too; only
+# errors and warnings fail. The same commands on this machine or in the tree.
+# shellcheck disable=SC2016 # for the inner sh
+build='dpkg-buildpackage -us -uc -b && lintian -I --fail-on error,warning ../tcpmap-lmdb_*.deb'
+clean_env="env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8"
+if [ -z "${TCPMAP_DEB_TREE:-}" ]; then
+    echo "build-deb: building tcpmap-lmdb $deb_version in $tree"
+    # shellcheck disable=SC2086 # clean_env is words
+    (cd "$tree" && $clean_env HOME="${HOME:-/root}" sh -ec "$build")
+else
+    release=$(. "$TCPMAP_DEB_TREE/etc/os-release" && echo "$PRETTY_NAME")
+    echo "build-deb: building tcpmap-lmdb $deb_version in $tree, in $TCPMAP_DEB_TREE ($release)"
+    # --keep-unit: no system bus needed; --volatile=overlay: the tree stays as it is.
+    # shellcheck disable=SC2086 # clean_env is words
+    systemd-nspawn --quiet --console=pipe -D "$TCPMAP_DEB_TREE" --volatile=overlay \
+        --register=no --keep-unit --private-network --bind="$PWD/$stage:/build" \
+        --chdir="/build/$(basename "$tree")" $clean_env HOME=/root sh -ec "$build"
+fi
+echo "build-deb: lintian clean"
 
-deb=tcpmap-lmdb_${deb_version}_all.deb
+deb=$(cd "$stage" && echo tcpmap-lmdb_"$deb_version"_*.deb)
+# Which form it ships: setup.py builds pure Python, saying why, if mypyc cannot compile.
+compiled=$(dpkg-deb -c "$stage/$deb" | grep -o 'tcpmap_lmdb/[^ ]*\.so$' | sort)
+if [ -n "$compiled" ]; then
+    echo "build-deb: $deb ships the hot path compiled:" $compiled
+else
+    echo "build-deb: $deb ships the hot path as pure Python (mypyc did not compile it; see above)"
+fi
 mkdir -p "$dest"
 mv "$stage/$deb" "$dest/$deb"
 echo "build-deb: $dest/$deb"
-
-# -I shows the informational tags too; only errors and warnings fail.
-lintian -I --fail-on error,warning "$dest/$deb"
-echo "build-deb: lintian clean"

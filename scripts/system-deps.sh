@@ -4,12 +4,14 @@
 #   test: venv's and system's, plus Postfix's own tools (the real client in the tests),
 #         and /usr/bin/time (the build bench's peak memory)
 #   deb: what building the Debian package needs (scripts/build-deb.sh)
+#   deb-tree: what building it in another release's tree needs here (TCPMAP_DEB_TREE)
 #   system: what the system test of the package needs (tests/test_system_deb.py)
 #   debian-stack: Debian 12's own Python stack (scripts/test-debian-stack.sh)
 set -eu
 
 venv_pkgs="python3-venv python3-dev gcc pkg-config libsystemd-dev"
-deb_pkgs="debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian"
+deb_pkgs="debhelper dh-python pybuild-plugin-pyproject python3-all-dev python3-mypy python3-setuptools lintian"
+deb_tree_pkgs="dpkg-dev systemd-container"
 system_pkgs="debootstrap systemd-container"
 test_pkgs="$venv_pkgs $system_pkgs postfix postfix-lmdb time"
 debian_stack_pkgs="python3-venv python3-gevent python3-lmdb python3-systemd python3-prometheus-client python3-mypy python3-wheel"
@@ -18,9 +20,10 @@ case "${1:-}" in
     venv) wanted=$venv_pkgs ;;
     test) wanted=$test_pkgs ;;
     deb) wanted=$deb_pkgs ;;
+    deb-tree) wanted=$deb_tree_pkgs ;;
     system) wanted=$system_pkgs ;;
     debian-stack) wanted=$debian_stack_pkgs ;;
-    *) echo "usage: $0 venv|test|deb|system|debian-stack" >&2; exit 2 ;;
+    *) echo "usage: $0 venv|test|deb|deb-tree|system|debian-stack" >&2; exit 2 ;;
 esac
 
 if ! command -v dpkg-query >/dev/null 2>&1; then
