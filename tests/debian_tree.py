@@ -23,15 +23,20 @@ from pathlib import Path
 
 SUITES = ("bookworm", "trixie")  # Debian 12 (oldstable), Debian 13 (stable)
 # systemd as PID 1; the package's dependencies; Postfix; the tools the checks use;
-# and the test suite's own stack (pytest, hypothesis, a venv with setuptools for
-# the editable install of the checkout; make, for the Makefile test). The
-# container has no network: every package it needs is here.
+# the test suite's own stack (pytest, hypothesis, a venv with setuptools for
+# the install of the checkout; make, for the Makefile test); and what building
+# the .deb needs (packaging/debian/control's Build-Depends, with the release's
+# own mypyc in python3-mypy) and lintian. The container has no network: every
+# package it needs is here. debootstrap does not resolve virtual packages, so
+# the provider of lintian's perl-openssl-abi-3 (via libnet-ssleay-perl) is named.
 PACKAGES = ",".join(
     (
         "systemd,systemd-sysv,dbus,procps,iproute2,util-linux",
         "python3,python3-gevent,python3-lmdb,python3-systemd,python3-prometheus-client",
         "postfix,postfix-lmdb",
         "python3-pytest,python3-hypothesis,python3-venv,python3-setuptools,python3-wheel,make",
+        "build-essential,debhelper,dh-python,pybuild-plugin-pyproject,python3-all-dev",
+        "python3-mypy,lintian,perl-openssl-defaults",
     )
 )
 CACHE = Path("/var/cache/tcpmap-test")
