@@ -2,7 +2,8 @@
 # Run the test suite on another Debian release's own Python stack, inside its
 # debootstrapped tree (tests/debian_tree.py, cached in /var/cache/tcpmap-test):
 #
-#   sh scripts/test-release-tree.sh trixie [PYTEST ARGS]    # make test-trixie-stack
+#   sh scripts/test-release-tree.sh trixie [PYTEST ARGS]    # pure Python
+#   TCPMAP_MYPYC=1 sh scripts/test-release-tree.sh trixie   # compiled (make test-trixie-stack)
 #
 # The tree runs under systemd-nspawn, as root, with no network but its own
 # loopback (--private-network), on a throw-away overlay (--volatile=overlay: the
@@ -10,9 +11,10 @@
 # throw-away overlay, so nothing the run writes lands in it. There, a venv with
 # --system-site-packages sees the release's python3, python3-gevent, python3-lmdb,
 # python3-systemd, python3-pytest and python3-hypothesis, and gets only the
-# project itself (pip install --no-deps -e, offline). Postfix is the release's
-# too. The package's system test (tests/test_system_deb.py) runs in the main
-# suite, for every release. Needs root, debootstrap and systemd-nspawn; skips
+# project itself (pip install --no-deps -e, offline; with TCPMAP_MYPYC=1 a
+# non-editable install with the hot path compiled by the release's mypyc).
+# Postfix is the release's too. The package's system test
+# (tests/test_system_deb.py) runs in the main suite, for every release. Needs root, debootstrap and systemd-nspawn; skips
 # without them, except under CI=true, where that is a failure.
 set -eu
 cd "$(dirname "$0")/.."
@@ -35,5 +37,6 @@ echo "test-release-tree: $suite tree $tree"
 # --as-pid2: a stub init reaps the orphans (Postfix's daemons) and forwards signals.
 exec systemd-nspawn --quiet --console=pipe -D "$tree" --volatile=overlay --register=no --keep-unit \
     --private-network --as-pid2 --overlay="$PWD::/src" --chdir=/src \
-    --setenv=CI="${CI:-}" --setenv=HOME=/root --setenv=LANG=C.UTF-8 \
+    --setenv=CI="${CI:-}" --setenv=TCPMAP_MYPYC="${TCPMAP_MYPYC:-}" \
+    --setenv=HOME=/root --setenv=LANG=C.UTF-8 \
     /bin/sh /src/scripts/in-release-tree.sh "$@"

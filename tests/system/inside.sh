@@ -12,8 +12,8 @@ T=/srv/tcpmap-test
 RESULTS=$T/results.txt
 DB=/var/lib/tcpmap/virtual.lmdb
 SOCKETMAP=/var/spool/postfix/private/tcpmap
-PREVIOUS=$(echo "$T"/previous/tcpmap-lmdb_*_all.deb)
-CURRENT=$(echo "$T"/current/tcpmap-lmdb_*_all.deb)
+PREVIOUS=$(echo "$T"/previous/tcpmap-lmdb_*.deb)
+CURRENT=$(echo "$T"/current/tcpmap-lmdb_*.deb)
 export DEBIAN_FRONTEND=noninteractive
 passed=0
 failed=0
@@ -72,6 +72,21 @@ runs_with() { # runs_with TEXT: the service's command line contains TEXT
     cmdline=$(tr '\0' ' ' <"/proc/$(main_pid)/cmdline")
     echo "command line: $cmdline"
     case "$cmdline" in *"$1"*) ;; *) return 1 ;; esac
+}
+
+compiled_service() { # the service's process runs every hot-path module compiled for this Python
+    # HOT_PATH: what setup.py compiles; the suffix: .cpython-311-x86_64-linux-gnu.so on Debian 12.
+    # shellcheck disable=SC2046 # the module names are words
+    set -- $(python3 -c 'from tcpmap_lmdb.compiled import HOT_PATH; print(*HOT_PATH, "hot__mypyc")')
+    suffix=$(python3 -c 'import importlib.machinery as m; print(m.EXTENSION_SUFFIXES[0])')
+    maps=/proc/$(main_pid)/maps
+    mapped=$(grep -o '/[^ ]*/tcpmap_lmdb/[^ ]*\.so$' "$maps" | sort -u)
+    # shellcheck disable=SC2086 # one line
+    echo "tcpmap.service (MainPID $(main_pid)) maps:" $mapped | tee -a "$T/versions.txt"
+    for name; do
+        printf '%s\n' "$mapped" | grep -qx "/usr/lib/python3/dist-packages/tcpmap_lmdb/$name$suffix" ||
+            { echo "not mapped: $name$suffix"; return 1; }
+    done
 }
 
 restarted() { # restarted OLD_PID: the service is active again, in another process
@@ -224,6 +239,8 @@ check "postmap -q KEY tcp:[::1]:4242 answers (key folded)" \
 check "the first connection started tcpmap.service" is tcpmap.service is-active active
 check "tcpmap.service runs as a dynamic user, not root" dynamic_user
 check "tcpmap.service runs with the options from /etc/default/tcpmap" runs_with "--idle-timeout 300"
+check "tcpmap.service runs the hot path compiled for this Python" compiled_service
+check "python3 -m tcpmap_lmdb.compiled --require" python3 -m tcpmap_lmdb.compiled --require
 check "tcpmap.service exposure is at most 1.0 (systemd-analyze security)" \
     systemd-analyze security --no-pager --threshold=10 tcpmap.service
 
@@ -250,6 +267,7 @@ check "upgrade keeps the edit to /etc/default/tcpmap" \
 check "upgrade keeps tcpmap.socket enabled" is tcpmap.socket is-enabled enabled
 check "upgrade restarts the running tcpmap.service" restarted "$before"
 check "the restarted service keeps the edited options" runs_with "--idle-timeout 300"
+check "the restarted service runs the compiled hot path" compiled_service
 check "tcpmap-metrics.socket is installed, not enabled" is tcpmap-metrics.socket is-enabled disabled
 
 # --- reload, logs, restart ---------------------------------------------------------
