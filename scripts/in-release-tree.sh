@@ -26,7 +26,8 @@ else
 fi
 "$venv/bin/python" -c 'import sys; from importlib.metadata import version as v
 print("in-release-tree: python", sys.version.split()[0], "gevent", v("gevent"), "lmdb", v("lmdb"),
-      "systemd-python", v("systemd-python"), "pytest", v("pytest"), "hypothesis", v("hypothesis"))'
+      "systemd-python", v("systemd-python"), "pytest", v("pytest"), "hypothesis", v("hypothesis"),
+      "mypy", v("mypy"))'
 echo "in-release-tree: Postfix $(/usr/sbin/postconf -h -d mail_version)"
 # systemd-nspawn hands its payload a full inheritable capability set; a root shell on a
 # host has none. With them, a capability dropped from the bounding set (the tests'
