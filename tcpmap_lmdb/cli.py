@@ -1,4 +1,4 @@
-"""argparse front ends: tcpmap-server, tcpmap-query (tcpmap-build lives in build.py)."""
+"""argparse front ends: tcpmap-query; tcpmap-server's is server_cli.py, tcpmap-build's build.py."""
 
 from __future__ import annotations
 
@@ -20,24 +20,12 @@ from .client import (
     connect,
     served_tables,
 )
-from .config import (
-    DEFAULT_HOST,
-    DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_PORT,
-    DEFAULT_STOP_TIMEOUT,
-    LISTEN_FORMS,
-    Address,
-    ConfigError,
-    ListenSpec,
-    ServerConfig,
-    connections_problem,
-    seconds_problem,
-)
+from .config import DEFAULT_HOST, DEFAULT_PORT, Address, ConfigError
 from .dbformat import FoldKeys, table_path
+from .server_cli import _fold_option, _seconds, server_main, server_parser
 from .table import Table, TableError
 
-__all__ = ["build_main", "query_main", "server_main"]
+__all__ = ["build_main", "query_main", "server_main", "server_parser"]
 
 
 def build_main(argv: list[str] | None = None) -> int:
@@ -45,174 +33,6 @@ def build_main(argv: list[str] | None = None) -> int:
     from .build import main  # noqa: PLC0415 - the server starts faster without it
 
     return main(argv)
-
-
-def _listen(text: str) -> ListenSpec:
-    try:
-        return ListenSpec.parse(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _seconds(*, zero: bool) -> Callable[[str], float]:
-    """An argparse type: a number of seconds (config.seconds_problem), named as typed."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-        problem = seconds_problem(value, zero=zero)
-        if problem is not None:
-            raise argparse.ArgumentTypeError(f"{text}: {problem}")
-        return value
-
-    return parse
-
-
-def _connections(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    problem = connections_problem(value)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(f"{text}: {problem}")
-    return value
-
-
-def _fold_option(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--fold",
-        dest="fold_keys",
-        action="store_true",
-        default=None,
-        help="lowercase lookup keys even if the table's build record says otherwise",
-    )
-    group.add_argument(
-        "--no-fold",
-        dest="fold_keys",
-        action="store_false",
-        default=None,
-        help="look keys up as sent (for tables built with postmap -f)",
-    )
-    group.add_argument(
-        "--fold-ascii",
-        dest="fold_keys",
-        action="store_const",
-        const="ascii",
-        default=None,
-        help="lowercase ASCII letters only, as Postfix does with smtputf8_enable = no "
-        "(by default: when the table's keys show it)",
-    )
-
-
-def server_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tcpmap-server",
-        description="Answer Postfix tcp_table(5) and socketmap_table(5) lookups from LMDB tables.",
-    )
-    parser.add_argument(
-        "--db",
-        metavar="PATH",
-        help="the table for tcp_table listeners, e.g. /var/lib/tcpmap/virtual.lmdb, or as "
-        "main.cf names it: lmdb:/var/lib/tcpmap/virtual (socketmap serves it as map 'virtual')",
-    )
-    parser.add_argument(
-        "--maps",
-        type=Path,
-        metavar="DIR",
-        help="serve every DIR/NAME.lmdb as map NAME (new files need no restart)",
-    )
-    parser.add_argument(
-        "--listen",
-        type=_listen,
-        action="append",
-        metavar="SPEC",
-        help=f"repeatable: {LISTEN_FORMS}. Default: the sockets systemd passes, else "
-        f"{DEFAULT_HOST}:{DEFAULT_PORT} (tcp_table with --db, socketmap with only --maps)",
-    )
-    parser.add_argument(
-        "--idle-timeout",
-        type=_seconds(zero=False),
-        default=DEFAULT_IDLE_TIMEOUT,
-        metavar="SECONDS",
-        help="close a connection idle this long (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=_connections,
-        default=DEFAULT_MAX_CONNECTIONS,
-        metavar="N",
-        help="connections served at once; more wait in the listen queue (default %(default)s)",
-    )
-    parser.add_argument(
-        "--stop-timeout",
-        type=_seconds(zero=True),
-        default=DEFAULT_STOP_TIMEOUT,
-        metavar="SECONDS",
-        help="on SIGTERM, time allowed to answer requests already read; 0: none "
-        "(default %(default)s)",
-    )
-    parser.add_argument(
-        "--allow-remote",
-        action="store_true",
-        help="allow non-loopback addresses (tcp_table has no authentication)",
-    )
-    _fold_option(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser
-
-
-def _db_option(text: str | None, maps: Path | None) -> Path | None:
-    """--db as given (lmdb:NAME, NAME or NAME.lmdb), or None.
-
-    systemd passes an unset TCPMAP_DB as --db "": with --maps that means no
-    --db; without, it is an error that says where the setting lives.
-    """
-    if text is None:
-        return None
-    if not text.strip():
-        if maps is not None:
-            return None
-        raise ConfigError(
-            "--db is empty (is TCPMAP_DB set in /etc/default/tcpmap?): "
-            "give a table with --db PATH, or a directory of tables with --maps DIR"
-        )
-    return table_path(text)
-
-
-def server_main(argv: list[str] | None = None) -> int:
-    args = server_parser().parse_args(argv)
-    from .systemd import setup_logging  # noqa: PLC0415
-
-    setup_logging(args.verbose)
-    try:
-        config = ServerConfig(
-            db=_db_option(args.db, args.maps),
-            maps=args.maps,
-            listen=tuple(args.listen or ()),
-            idle_timeout=args.idle_timeout,
-            max_connections=args.max_connections,
-            stop_timeout=args.stop_timeout,
-            fold_keys=args.fold_keys,
-            allow_remote=args.allow_remote,
-            verbose=args.verbose,
-        )
-    except ConfigError as exc:
-        print(f"tcpmap-server: {exc}", file=sys.stderr)
-        return 2
-    # Only the server pays for importing gevent and systemd-python.
-    from .listeners import ListenError  # noqa: PLC0415
-    from .server import run  # noqa: PLC0415
-
-    try:
-        return run(config)
-    except (ListenError, ConfigError) as exc:
-        print(f"tcpmap-server: {exc}", file=sys.stderr)
-        return 1
 
 
 def query_parser() -> argparse.ArgumentParser:

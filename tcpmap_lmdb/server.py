@@ -774,8 +774,12 @@ def _raise_fd_limit(connections: int) -> None:
         log.warning("open file limit %d is below --max-connections %d", new, connections)
 
 
-def run(config: ServerConfig) -> int:
-    """Open the tables, listen, serve until SIGTERM/SIGINT; SIGHUP re-opens the tables."""
+def run(config: ServerConfig, started: dict[Path, snapshot.Check] | None = None) -> int:
+    """Open the tables, listen, serve until SIGTERM/SIGINT; SIGHUP re-opens the tables.
+
+    STARTED: checks begun before (snapshot.start_check), taken for the first open of
+    their table; those left are cancelled."""
+    started = {} if started is None else started
     notifier = Notifier()
     tables = {map_name(config.db): config.db} if config.db is not None else {}
     # Each new version of a file is copied and checked by a child process before
@@ -786,11 +790,14 @@ def run(config: ServerConfig) -> int:
         tables,
         config.maps,
         fold_keys=config.fold_keys,
-        take=checks.counting(snapshot.in_child(gevent.sleep)),
+        take=checks.counting(snapshot.in_child(gevent.sleep, started)),
         sleep=gevent.sleep,
         watcher=_loop_watch,
     )
-    maps.open_all()  # before READY
+    try:
+        maps.open_all()  # before READY
+    finally:
+        snapshot.cancel_all(started)  # a table not opened after all (gone meanwhile)
     listeners, connections = inherited_sockets()
     try:
         endpoints = open_endpoints(config, listeners)

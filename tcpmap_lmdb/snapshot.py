@@ -240,26 +240,42 @@ def _txnid(fd: int) -> int | None:
 # --- in a child process -------------------------------------------------------------
 
 
-def in_child(sleep: Callable[[float], object] = time.sleep) -> Taker:
+def in_child(
+    sleep: Callable[[float], object] = time.sleep, started: dict[Path, Check] | None = None
+) -> Taker:
     """A Taker that runs take() in a forked child; SLEEP is how the parent waits.
 
     The server passes gevent.sleep: lookups go on meanwhile. The memfd is made
     here and inherited, so the child's copy is the parent's; the parent serves
     it only once the child reports it checked and the seals are in place. The
-    child never waits for a writer's lock: it raises Locked instead.
+    child never waits for a writer's lock: it raises Locked instead. A check
+    already STARTED for a path (start_check) is taken from there, once.
     """
+    early = started if started is not None else {}
 
     def take_in_child(path: Path) -> Snapshot:
+        return (early.pop(path, None) or start_check(path)).result(sleep)
+
+    return take_in_child
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """A child checking PATH into MEMFD (start_check); its Snapshot from result()."""
+
+    path: Path
+    memfd: int  # ours; the child fills and seals it
+    pid: int
+    reader: int  # the pipe its report comes through
+    started: float  # time.monotonic()
+    limit: float  # seconds it may take, from STARTED: then it is killed
+
+    def result(self, sleep: Callable[[float], object]) -> Snapshot:
+        """Wait for the child (SLEEP between looks); its Snapshot, or the error it
+        found (TableError, SnapshotRetry, Locked). The memfd is the Snapshot's, or closed."""
+        path, memfd = self.path, self.memfd
         try:
-            limit = TIME_FLOOR + os.stat(path).st_size * TIME_PER_BYTE
-        except OSError:
-            limit = TIME_FLOOR
-        try:
-            memfd = new_memfd(path)
-        except OSError as exc:
-            raise SnapshotRetry(f"cannot check {path}: memfd_create: {exc.strerror}") from None
-        try:
-            report = _run_child(path, memfd, sleep, limit)
+            report = self._report(sleep)
             if "bad" in report:
                 raise TableError(str(report["bad"]))
             if "locked" in report:
@@ -281,48 +297,75 @@ def in_child(sleep: Callable[[float], object] = time.sleep) -> Taker:
             os.close(memfd)
             raise
 
-    return take_in_child
+    def cancel(self) -> None:
+        """Kill the child if it still runs; its memfd is closed."""
+        self._end()
+        os.close(self.memfd)
+
+    def _report(self, sleep: Callable[[float], object]) -> dict[str, Any]:
+        """The child's report, once it has exited; or SnapshotRetry."""
+        path, pid = self.path, self.pid
+        try:
+            status = _wait(pid, sleep, self.started + self.limit)
+            # Only from a child that has exited: its end of the pipe is closed, no wait.
+            raw = os.read(self.reader, _MAX_REPORT) if status is not None else b""
+        finally:
+            self._end()
+        if status is None:
+            raise SnapshotRetry(f"the check of {path} took longer than {self.limit:.0f}s")
+        if os.WIFSIGNALED(status):
+            name = signal.Signals(os.WTERMSIG(status)).name
+            raise SnapshotRetry(f"the check of {path} was killed ({name})")
+        try:
+            report = json.loads(raw)
+            assert isinstance(report, dict)
+        except (ValueError, AssertionError):
+            raise SnapshotRetry(f"the check of {path} failed (exit status {status})") from None
+        return report
+
+    def _end(self) -> None:
+        """Close the pipe; kill the child if it still runs (stopped, or past its
+        deadline), and reap it."""
+        os.close(self.reader)
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(self.pid, os.WNOHANG)[0] == 0:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
 
 
-def _run_child(
-    path: Path, memfd: int, sleep: Callable[[float], object], limit: float
-) -> dict[str, Any]:
-    """Fork the child that fills MEMFD; its report, or SnapshotRetry."""
+def cancel_all(checks: dict[Path, Check]) -> None:
+    """Cancel the checks left in CHECKS (those in_child did not take), and forget them."""
+    while checks:
+        checks.popitem()[1].cancel()
+
+
+def start_check(path: Path) -> Check:
+    """Fork a child that copies PATH into a new sealed memfd and checks it (take());
+    raises SnapshotRetry if it cannot. Nothing here waits: see Check.result()."""
+    try:
+        limit = TIME_FLOOR + os.stat(path).st_size * TIME_PER_BYTE
+    except OSError:
+        limit = TIME_FLOOR
+    try:
+        memfd = new_memfd(path)
+    except OSError as exc:
+        raise SnapshotRetry(f"cannot check {path}: memfd_create: {exc.strerror}") from None
     try:
         reader, writer = os.pipe()
     except OSError as exc:
+        os.close(memfd)
         raise SnapshotRetry(f"cannot check {path}: pipe: {exc.strerror}") from None
     parent = os.getpid()
     try:
         pid = os.fork()
     except OSError as exc:
-        os.close(reader)
-        os.close(writer)
+        for fd in (memfd, reader, writer):
+            os.close(fd)
         raise SnapshotRetry(f"cannot check {path}: fork: {exc.strerror}") from None
     if pid == 0:  # the child: never returns to the caller
         os._exit(_child(path, memfd, writer, parent))
     os.close(writer)
-    try:
-        status = _wait(pid, sleep, limit)
-        # Only from a child that has exited: its end of the pipe is closed, no wait.
-        raw = os.read(reader, _MAX_REPORT) if status is not None else b""
-    finally:
-        os.close(reader)
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == 0:  # a stop while waiting, or the limit
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-    if status is None:
-        raise SnapshotRetry(f"the check of {path} took longer than {limit:.0f}s")
-    if os.WIFSIGNALED(status):
-        name = signal.Signals(os.WTERMSIG(status)).name
-        raise SnapshotRetry(f"the check of {path} was killed ({name})")
-    try:
-        report = json.loads(raw)
-        assert isinstance(report, dict)
-    except (ValueError, AssertionError):
-        raise SnapshotRetry(f"the check of {path} failed (exit status {status})") from None
-    return report
+    return Check(path, memfd, pid, reader, time.monotonic(), limit)
 
 
 def _child(path: Path, memfd: int, writer: int, parent: int) -> int:
@@ -384,9 +427,8 @@ def _close_all_but(*keep: int) -> None:
     os.close(null)
 
 
-def _wait(pid: int, sleep: Callable[[float], object], limit: float) -> int | None:
-    """The child's exit status, or None if it still runs after LIMIT seconds."""
-    deadline = time.monotonic() + limit
+def _wait(pid: int, sleep: Callable[[float], object], deadline: float) -> int | None:
+    """The child's exit status, or None if it still runs at DEADLINE (time.monotonic())."""
     pause = 0.001
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)

@@ -313,18 +313,18 @@ class SocketmapConn(RawConn):
 
 # Runs the real CLI entry point (what .venv/bin/tcpmap-server runs) under the
 # interpreter running the tests.
-_ENTRY_POINTS = {
-    "tcpmap-server": "server_main",
-    "tcpmap-build": "build_main",
-    "tcpmap-query": "query_main",
+_ENTRY_POINTS = {  # pyproject.toml [project.scripts]
+    "tcpmap-server": ("server_cli", "server_main"),
+    "tcpmap-build": ("cli", "build_main"),
+    "tcpmap-query": ("cli", "query_main"),
 }
 
 
 def command(program: str, *args: str | Path) -> list[str]:
     """The argv that runs PROGRAM (tcpmap-server, tcpmap-build, tcpmap-query) with ARGS in
     a fresh interpreter, as the installed command would."""
-    main = _ENTRY_POINTS[program]
-    launcher = f"from tcpmap_lmdb.cli import {main}; raise SystemExit({main}())"
+    module, main = _ENTRY_POINTS[program]
+    launcher = f"from tcpmap_lmdb.{module} import {main}; raise SystemExit({main}())"
     return [sys.executable, "-c", launcher, *map(str, args)]
 
 

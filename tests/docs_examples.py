@@ -24,7 +24,7 @@ from conftest import START_TIMEOUT, LoggedProcess
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHERS = {
     "tcpmap-query": "from tcpmap_lmdb.cli import query_main as m",
-    "tcpmap-server": "from tcpmap_lmdb.cli import server_main as m",
+    "tcpmap-server": "from tcpmap_lmdb.server_cli import server_main as m",
     "tcpmap-build": "from tcpmap_lmdb.cli import build_main as m",
 }
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from postfix_tools import run_postfix
 
 from tcpmap_lmdb import dbformat, snapshot, verify
-from tcpmap_lmdb.snapshot import Snapshot, SnapshotRetry
+from tcpmap_lmdb.snapshot import Signature, Snapshot, SnapshotRetry
 from tcpmap_lmdb.table import RETRY_FIRST, LiveTable, Table, TableError
 from tcpmap_lmdb.watch import DirectoryWatch
 
@@ -613,6 +613,47 @@ def test_check_passes_every_sound_table(tmp_path: Path, count: int) -> None:
     taken = snapshot.in_child()(db)
     os.close(taken.fd)
     assert taken.records == count
+
+
+def _exited(pid: int) -> bool:
+    """Whether child PID has exited (a zombie, not reaped yet): /proc/PID/stat's state."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_check_started_early_is_taken_once(tmp_path: Path) -> None:
+    """A check begun before the server loads (server_cli: snapshot.start_check) is what the
+    first take of its table gets: a copy of the file as it was then, whose signature tells
+    a later refresh that the file moved on. The next take checks the file again."""
+    db = make_table(tmp_path / "t.lmdb", {"k": "v1"}, info=False)
+    started = {db: snapshot.start_check(db)}
+    check = started[db]
+    deadline = time.monotonic() + 10
+    while not _exited(check.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    make_table(tmp_path / "new.lmdb", {"k": "v2", "k2": "v2"}, info=False).rename(db)
+    take = snapshot.in_child(started=started)
+    early = take(db)
+    os.close(early.fd)
+    assert early.records == 1 and early.signature.ino != os.stat(db).st_ino
+    assert started == {}
+    with pytest.raises(ChildProcessError):  # reaped
+        os.waitpid(check.pid, os.WNOHANG)
+    again = take(db)
+    os.close(again.fd)
+    assert again.records == 2 and again.signature == Signature.of(os.stat(db))
+
+
+def test_checks_left_over_are_cancelled(db: Path) -> None:
+    """A check begun for a table that is not opened after all (server.run: the file went
+    away meanwhile) is cancelled: its child killed and reaped, its memfd closed."""
+    make_table(db, {"key": "value"}, info=False)
+    started = {db: snapshot.start_check(db)}
+    memfd = started[db].memfd
+    snapshot.cancel_all(started)
+    assert started == {}
+    assert Path(f"/proc/self/task/{os.getpid()}/children").read_text().split() == []
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(memfd)
 
 
 @pytest.mark.parametrize("claimed", [2, 99, 103, 1000])
