@@ -30,12 +30,21 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return base_table(tmp_path_factory.mktemp("base") / "base.lmdb")
 
 
+@pytest.fixture(params=["pure", "compiled"])
+def records_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify's loop over leaf records has a form for each form of the module
+    (verify._COMPILED): run both here. In the compiled module the constant is built in,
+    and both run the compiled form."""
+    monkeypatch.setattr(verify, "_COMPILED", request.param == "compiled")
+
+
 def publish(db: Path, data: bytes) -> None:
     temp = db.with_name(f".{db.name}.tmp")
     temp.write_bytes(data)
     os.replace(temp, db)
 
 
+@pytest.mark.usefixtures("records_form")
 def test_base_table_passes_the_check(base: bytes, tmp_path: Path) -> None:
     """The table the crafters start from is sound: 301 records, every one found."""
     assert verify.check(Path("base"), base, len(base)) == verify.Checked(301)
@@ -50,6 +59,7 @@ def test_base_table_passes_the_check(base: bytes, tmp_path: Path) -> None:
         table.close()
 
 
+@pytest.mark.usefixtures("records_form")
 @pytest.mark.parametrize("name", list(CRAFTERS))
 def test_crafted_file_is_refused_by_the_check(base: bytes, name: str) -> None:
     """Every crafted file is refused, with a reason naming the file, within 1 s."""
