@@ -59,6 +59,7 @@ for Postfix's own lmdb: client; they cannot make it read outside the file.
 from __future__ import annotations
 
 import struct
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -188,8 +189,8 @@ def _walk(path: Path, buf: memoryview, psize: int, last: int, root: int) -> Chec
 # << 8 is the little-endian u16 at AT. Compiled by mypyc (compiled.py), that is a few
 # machine instructions, where a struct call per node cost the compiled check more time
 # than pure Python. Pure Python is fastest with a struct call per node instead: the
-# loop over a million records (records()) has one form for each (README, Performance).
-_COMPILED: Final = not __file__.endswith(".py")  # an extension module's file is its .so
+# loop over a million records (records()) has one form for each (README, Performance),
+# chosen by _COMPILED (at the end).
 
 
 class _Tree:
@@ -327,3 +328,8 @@ class _Tree:
 def _u16(page: bytes, at: int) -> int:
     """The little-endian 16-bit field at AT (a few instructions once compiled)."""
     return page[at] | page[at + 1] << 8
+
+
+# Whether this module was compiled by mypyc: its functions are then built-in functions.
+# (Not __file__: Debian 12's mypyc 1.0.1 does not set it until the module is imported.)
+_COMPILED: Final = not isinstance(_u16, types.FunctionType)
