@@ -86,7 +86,7 @@ fuzz: venv
 deb:
 	sh scripts/build-deb.sh
 
-# About 4 minutes (plus about 2 the first time, for the 10M-key table): tests/bench/
+# About 11 minutes (plus a few the first time, for the 10M-key table): tests/bench/
 bench: venv compiled
 	sh scripts/system-deps.sh test
 	$(BIN)/python -m tests.bench
