@@ -202,6 +202,12 @@ def _copy(path: Path, memfd: int, *, wait: bool) -> Signature | None:
                 raise
             raise Locked(f"{path} is locked by a writer") from None
         before = Signature.of(os.fstat(fd))
+        # A file that is no table is refused from its meta pages, not copied whole
+        # first: the copy is memory (a sparse file of zeros asked for all of it).
+        try:
+            verify.check_head(path, os.pread(fd, verify.HEAD_BYTES, 0), before.size)
+        except verify.Corrupt as exc:
+            raise TableError(str(exc)) from None
         copied = 0
         while copied < before.size:
             sent = os.sendfile(memfd, fd, copied, min(before.size - copied, _COPY_CHUNK))

@@ -121,6 +121,22 @@ def check(path: Path, data: bytes | memoryview | object, size: int) -> Checked:
         return _walk(path, buf, psize, last, root)
 
 
+# The bytes check_head needs: both meta pages' fields, at the largest page size.
+HEAD_BYTES: Final = 65536 + PAGE_HEADER + _META.size
+
+
+def check_head(path: Path, head: bytes, size: int) -> None:
+    """Check the meta pages of the LMDB file PATH of SIZE bytes from HEAD, its first
+    HEAD_BYTES bytes (or all of it): what check() finds there, before the file is
+    copied (snapshot.py: a copy is memory, and a big file may be no table at all).
+
+    Raises Corrupt as check() does.
+    """
+    # A short HEAD is all the file has (it shrank since SIZE was read).
+    with memoryview(head) as buf:
+        _pick_meta(path, buf, size if len(head) >= HEAD_BYTES else len(head))
+
+
 def _pick_meta(path: Path, buf: memoryview, size: int) -> tuple[int, int, int, int]:
     """(psize, mm_last_pg, main md_flags, main md_root) of the meta page LMDB uses."""
     unreadable = f"{path} is not a readable LMDB file"

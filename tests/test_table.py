@@ -656,6 +656,33 @@ def test_checks_left_over_are_cancelled(db: Path) -> None:
         os.fstat(memfd)
 
 
+@pytest.mark.parametrize(
+    ("head", "reason"),
+    [(b"", "is not a readable LMDB file"), (b"# a source line\n" * 8, "it is a text file")],
+)
+def test_a_file_that_is_not_lmdb_is_refused_before_it_is_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, head: bytes, reason: str
+) -> None:
+    """The copy is memory (a memfd): a big file that is no table (--db at a log, a sparse
+    file of zeros) must be refused from its first bytes, not copied whole first (a 200 GB
+    sparse file filled the host's memory). The real sendfile runs; the spy counts it."""
+    path = tmp_path / "big.lmdb"
+    with path.open("wb") as file:
+        file.write(head)
+        file.truncate(256 << 20)  # sparse: no disk, but 256 MB in a copy
+    copied: list[int] = []
+    real = os.sendfile
+
+    def sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        copied.append(count)
+        return real(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", sendfile)
+    with pytest.raises(TableError, match=reason):
+        snapshot.take(path)
+    assert copied == []
+
+
 @pytest.mark.parametrize("claimed", [2, 99, 103, 1000])
 def test_a_table_that_lies_about_its_record_count_is_served_with_the_real_count(
     tmp_path: Path, claimed: int
