@@ -1,7 +1,9 @@
 """Which form of the hot path runs: compiled by mypyc, or pure Python.
 
-    python -m tcpmap_lmdb.compiled            # one line saying which
-    python -m tcpmap_lmdb.compiled --require  # exit 1 unless all of it is compiled
+    python -P -m tcpmap_lmdb.compiled            # one line saying which, and where
+    python -P -m tcpmap_lmdb.compiled --require  # exit 1 unless all of it is compiled
+
+(-P: not the current directory's copy, in a checkout.)
 
 setup.py compiles HOT_PATH when asked (TCPMAP_MYPYC=1); the .py files stay the
 reference. A compiled module is imported from an extension module file (.so)
@@ -13,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import sys
+from pathlib import Path
 
 # The modules every lookup runs through, and verify, the check every table
 # passes before it is served, most of a cold start (setup.py compiles exactly
@@ -47,14 +50,17 @@ def is_compiled(path: str) -> bool:
 
 
 def describe() -> tuple[bool, str]:
-    """(whether all of the hot path is compiled, one line saying which form runs)."""
+    """(whether all of the hot path is compiled, one line saying which form runs and
+    the package directory it runs from: `python -m` in a checkout reads the checkout's
+    .py files, not the installed package)."""
     files = forms()
+    where = Path(files[HOT_PATH[0]]).parent
     pure = [name for name, path in files.items() if not is_compiled(path)]
     if not pure:
-        return True, f"hot path compiled with mypyc ({len(files)} modules)"
+        return True, f"hot path compiled with mypyc ({len(files)} modules, {where})"
     if len(pure) == len(files):
-        return False, "hot path is pure Python"
-    return False, f"hot path partly compiled: pure Python {', '.join(pure)}"
+        return False, f"hot path is pure Python ({where})"
+    return False, f"hot path partly compiled: pure Python {', '.join(pure)} ({where})"
 
 
 def main(argv: list[str]) -> int:

@@ -102,3 +102,22 @@ def test_the_form_under_test_is_named() -> None:
     compiled, line = describe()
     expected = os.environ.get("TCPMAP_EXPECT_COMPILED") == "1"
     assert compiled == expected, line
+
+
+def test_the_line_names_the_package_it_describes(tmp_path: Path) -> None:
+    """`python3 -m tcpmap_lmdb.compiled` run in a checkout (as README's block, "From a
+    checkout", reads) describes the checkout's pure .py files, not the installed package
+    (python -m puts the current directory first): the line names the directory it read,
+    so a compiled install is not reported pure Python without a word of where from."""
+    shadow = tmp_path / "checkout"
+    shutil.copytree(ROOT / "tcpmap_lmdb", shadow / "tcpmap_lmdb", ignore=_not_source)
+    result = subprocess.run(
+        [sys.executable, "-m", "tcpmap_lmdb.compiled"],
+        cwd=shadow,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout == f"tcpmap-lmdb: hot path is pure Python ({shadow / 'tcpmap_lmdb'})\n"
