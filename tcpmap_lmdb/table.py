@@ -370,8 +370,12 @@ class LiveTable:
             self._table.close()  # a lookup never yields midway: none is in flight
         self._table = new
         # Record what we copied, not what we statted: if the file moved again
-        # in between, the next lookup sees the difference and reopens.
+        # in between, the next lookup sees the difference and reopens. It must
+        # look: a copy begun before the directory was watched (server_cli's early
+        # check) may predate a publication no watch event tells of.
         self._seen = new.signature
+        if new.signature != current:
+            self._checked = 0.0
         self._retry_at = None
         self._backoff = RETRY_FIRST
         log.info("opened %s", new.describe(), extra={"TABLE": str(self.path)})

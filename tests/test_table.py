@@ -643,6 +643,28 @@ def test_a_check_started_early_is_taken_once(tmp_path: Path) -> None:
     assert again.records == 2 and again.signature == Signature.of(os.stat(db))
 
 
+def test_a_publication_during_the_early_check_is_served_on_the_first_lookup(
+    tmp_path: Path,
+) -> None:
+    """The early check (server_cli) copies the file before the server watches its
+    directory: a table published meanwhile (tcpmap-build while the service starts) makes
+    no inotify event the server sees. The first lookup after the open must still get
+    it, as any lookup after a publication does, not the early copy for up to a second."""
+    db = make_table(tmp_path / "t.lmdb", {"k": "v1"}, info=False)
+    started = {db: snapshot.start_check(db)}
+    deadline = time.monotonic() + 10
+    while not _exited(started[db].pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    make_table(tmp_path / "new.lmdb", {"k": "v2"}, info=False).rename(db)
+    table = LiveTable(db, take=snapshot.in_child(started=started))
+    try:
+        table.refresh()  # server.run: maps.open_all(), before READY
+        assert started == {}
+        assert table.lookup(b"k") == b"v2"
+    finally:
+        table.close()
+
+
 def test_checks_left_over_are_cancelled(db: Path) -> None:
     """A check begun for a table that is not opened after all (server.run: the file went
     away meanwhile) is cancelled: its child killed and reaped, its memfd closed."""
