@@ -32,8 +32,9 @@ _CONTINUATION = re.compile(rb"\n[ \t\r\x0b\x0c]")
 _STARTS_SPECIAL = frozenset(b" \t\r\x0b\x0c\n#")
 _STARTS_CONTINUATION = frozenset(b" \t\r\x0b\x0c")
 # A plain line is "KEY SP VALUE LF" and has none of these bytes: other
-# whitespace, quotes and backslashes (they steer postmap.c's split), NUL (an error).
-_NOT_PLAIN = (b"\t", b"\r", b"\x0b", b"\x0c", b'"', b"\\", b"\0")
+# whitespace, quotes and backslashes (they steer postmap.c's split), NUL (an error),
+# a byte order mark (an error at the start of a line).
+_NOT_PLAIN = (b"\t", b"\r", b"\x0b", b"\x0c", b'"', b"\\", b"\0", b"\xef\xbb\xbf")
 
 
 class Split(NamedTuple):
@@ -175,6 +176,8 @@ def _entry_lines(block: bytes, first_line: int) -> tuple[list[bytes], array[int]
         text = b"\n".join(lines)
     if b'"' in text or b"\\" in text or b"\0" in text:
         return None  # quotes and backslashes change postmap.c's split; NUL is an error
+    if text.startswith(b"\xef\xbb\xbf") or b"\n\xef\xbb\xbf" in text:
+        return None  # a line starting with a byte order mark is an error
     if not text.isascii():
         try:
             text.decode("utf-8")

@@ -51,6 +51,11 @@ class _Reject(ValueError):
 # --- logical lines ----------------------------------------------------------
 
 
+# A UTF-8 byte order mark: postmap keeps it in the key, which no lookup then finds.
+_BOM = b"\xef\xbb\xbf"
+_BOM_FIX = "postmap would make the mark part of the key: remove it first"
+
+
 def logical_lines(lines: Iterable[bytes]) -> Iterator[LogicalLine | Problem]:
     """Join physical lines into logical lines as Postfix's readllines() does.
 
@@ -74,6 +79,10 @@ def logical_lines(lines: Iterable[bytes]) -> Iterator[LogicalLine | Problem]:
             if start:
                 yield problem or LogicalLine(start, "".join(parts))
             start, parts, problem = lineno, [], None
+            if body.startswith(_BOM):  # files joined with cat: one began with a mark
+                problem = Problem(
+                    lineno, f"a byte order mark (EF BB BF) starts the line: {_BOM_FIX}"
+                )
         elif not start:
             # Only possible before the first logical line: everything later joins one.
             start, parts = lineno, []

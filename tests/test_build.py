@@ -246,6 +246,7 @@ def test_key_at_the_limit_is_accepted(tmp_path: Path) -> None:
         ("ok 1\nnovalue\n", "expected format: key whitespace value"),
         ("ok 1\nbad \xff\n", "non-UTF-8 input"),
         ("ok 1\nnul \x00\n", "NUL byte in input"),
+        ("ok 1\n\ufeffjoined v\n", "a byte order mark (EF BB BF) starts the line"),
         ("root: x\nuser@example.com: y\n", "name must be local"),
         ("root: x\nnocolon\n", "need name:value pair"),
         ('root: x\n"": y\n', "empty key"),
