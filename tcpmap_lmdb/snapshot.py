@@ -208,12 +208,8 @@ def _copy(path: Path, memfd: int, *, wait: bool) -> Signature | None:
             verify.check_head(path, os.pread(fd, verify.HEAD_BYTES, 0), before.size)
         except verify.Corrupt as exc:
             raise TableError(str(exc)) from None
-        copied = 0
-        while copied < before.size:
-            sent = os.sendfile(memfd, fd, copied, min(before.size - copied, _COPY_CHUNK))
-            if sent == 0:
-                return None  # shrunk under us
-            copied += sent
+        if not _copy_data(fd, memfd, before.size):
+            return None  # shrunk under us
         after = os.fstat(fd)
         if after.st_size != before.size:
             return None
@@ -229,6 +225,42 @@ def _copy(path: Path, memfd: int, *, wait: bool) -> Signature | None:
         return before
     finally:
         os.close(fd)  # releases the lock too
+
+
+def _copy_data(fd: int, memfd: int, size: int) -> bool:
+    """Copy the first SIZE bytes of FD into MEMFD, its holes left holes; False if
+    FD ended before."""
+    for start, end in _extents(fd, size):
+        os.lseek(memfd, start, os.SEEK_SET)
+        copied = start
+        while copied < end:
+            sent = os.sendfile(memfd, fd, copied, min(end - copied, _COPY_CHUNK))
+            if sent == 0:
+                return False
+            copied += sent
+    os.ftruncate(memfd, size)  # a hole at the end stays one
+    return True
+
+
+def _extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (start, end) byte ranges of FD's first SIZE bytes that hold data, holes
+    left out (lseek(2) SEEK_DATA, SEEK_HOLE): copied into a memfd, a hole would be
+    memory. A file system without holes gives one range, the whole file."""
+    extents = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data from OFFSET on
+                break
+            return [(0, size)]  # no SEEK_DATA here: all of it
+        if start >= size:
+            break
+        extents.append((start, end))
+        offset = end
+    return extents
 
 
 def _txnid(fd: int) -> int | None:

@@ -705,6 +705,29 @@ def test_a_file_that_is_not_lmdb_is_refused_before_it_is_copied(
     assert copied == []
 
 
+def test_a_sparse_table_is_copied_sparse(tmp_path: Path) -> None:
+    """LMDB with MDB_WRITEMAP (python-lmdb writemap=True) makes the file as long as its
+    map: a 12 KB table in a 1 GB file, the rest a hole. The copy keeps the hole a hole
+    (SEEK_DATA/SEEK_HOLE): it was 1 GB of memory for as long as the table was served."""
+    import lmdb  # noqa: PLC0415
+
+    path = tmp_path / "t.lmdb"
+    env = lmdb.open(str(path), subdir=False, writemap=True, map_size=1 << 30, lock=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"key\x00", b"value\x00")
+    env.close()
+    assert os.stat(path).st_size == 1 << 30
+    taken = snapshot.take(path)
+    held = os.fstat(taken.fd)
+    table = Table.from_snapshot(path, taken)  # owns the memfd
+    try:
+        assert held.st_size == 1 << 30 and taken.records == 1
+        assert held.st_blocks * 512 < 1 << 20
+        assert table.get(b"key") == b"value"
+    finally:
+        table.close()
+
+
 @pytest.mark.parametrize("claimed", [2, 99, 103, 1000])
 def test_a_table_that_lies_about_its_record_count_is_served_with_the_real_count(
     tmp_path: Path, claimed: int
