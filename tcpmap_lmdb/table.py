@@ -329,7 +329,11 @@ class LiveTable:
         flipped to another directory, or a directory renamed into its place) is
         another inode, of which the old watch sees nothing: watch that one instead.
         The directory is stat-ed before it is watched, so a replacement in between
-        is seen by the next refresh (within a second) and watched then."""
+        is seen by the next refresh (within a second) and watched then. Without
+        inotify (no watch could be made) every lookup stats the path anyway, and
+        there is nothing to re-arm."""
+        if self._watched is not None and self._watch is None:
+            return
         try:
             st = os.stat(self.path.parent)
         except OSError:
