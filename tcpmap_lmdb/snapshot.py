@@ -207,6 +207,11 @@ def _copy(path: Path, memfd: int, *, wait: bool) -> Signature | None:
         try:
             verify.check_head(path, os.pread(fd, verify.HEAD_BYTES, 0), before.size)
         except verify.Corrupt as exc:
+            # Postfix's writers hold only a shared lock: a commit that landed since the
+            # stat (a newer meta page, pages past the size seen) is a new version, to
+            # be copied again, not a bad file.
+            if Signature.of(os.fstat(fd)) != before:
+                return None
             raise TableError(str(exc)) from None
         if not _copy_data(fd, memfd, before.size):
             return None  # shrunk under us
